@@ -1,0 +1,96 @@
+"""Argument validation shared by every op: one place, one wording.
+
+Shape and dtype problems raise ``TypeError`` (wrong type or dtype) or ``ValueError``
+(wrong shape, device, layout or value) with the argument's name, before any kernel runs.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = None,
+                 ndim: int | Sequence[int] | None = None,
+                 shape: Sequence[int | None] | None = None,
+                 device: torch.device | None = None,
+                 contiguous: bool = False, last_dim_contiguous: bool = False) -> torch.Tensor:
+    """Validate one tensor argument; ``None`` entries in ``shape`` accept any size."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                             f"got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous()); got strides {t.stride()}")
+    if last_dim_contiguous and t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension; got strides {t.stride()}")
+    return t
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) != 1:
+        listed = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise TypeError(f"these inputs must share one dtype: {listed}")
+    return next(iter(dtypes.values()))
+
+
+def can_check_device_values(*tensors: torch.Tensor) -> bool:
+    """Whether checks that read tensor values (slot ids, cu_seqlens) may run now.
+
+    Reading a CUDA tensor's values synchronizes the host, which is illegal during CUDA graph
+    capture and impossible while torch.compile traces. In those cases the kernels' own guards
+    (clamped offsets, skipped out-of-range slots) keep memory safe and the host check is
+    skipped.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return not any(t.device.type == "meta" for t in tensors)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.device) -> int:
+    """Validate varlen offsets ``[N+1]``: int32, 0 first, non-decreasing, ``total_tokens`` last.
+
+    Returns N, the number of sequences.
+    """
+    check_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES, ndim=1, device=device, contiguous=True)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least 2 offsets ([0, T]), got {cu_seqlens.numel()}")
+    if can_check_device_values(cu_seqlens):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+        if int(cu[-1]) != total_tokens:
+            raise ValueError(f"cu_seqlens must end at the number of tokens ({total_tokens}), got {int(cu[-1])}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}...")
+    return cu_seqlens.numel() - 1
+
+
+def check_slot_ids(slot_ids: torch.Tensor, batch: int, num_slots: int, device: torch.device) -> None:
+    """Validate ``slot_ids [B]``: integer, on the device, each < ``num_slots`` (negative = padding)."""
+    check_tensor("slot_ids", slot_ids, dtypes=INDEX_DTYPES, shape=(batch,), device=device, contiguous=True)
+    if can_check_device_values(slot_ids) and slot_ids.numel():
+        hi = int(slot_ids.max())
+        if hi >= num_slots:
+            raise ValueError(f"slot_ids holds {hi} but the state cache has only {num_slots} slots")

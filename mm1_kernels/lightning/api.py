@@ -1,0 +1,167 @@
+"""Public lightning-attention ops: validation, backend dispatch, custom-op registration.
+
+Both ops are registered as ``torch.ops.mm1.*`` custom ops with fake implementations, so
+code calling them compiles with ``torch.compile(fullgraph=True)``; the backend is a plain
+string argument of the op, resolved before the call.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .._checks import (FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slot_ids,
+                       check_tensor)
+from .._dispatch import resolve_backend
+from .._nvtx import annotate
+from . import reference
+
+MAX_HEAD_DIM = 256
+PREFILL_BACKENDS = ("torch", "triton", "cuda")
+DECODE_BACKENDS = ("torch", "triton", "cuda")
+
+
+@torch.library.custom_op("mm1::lightning_attention", mutates_args=())
+def _lightning_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                            initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                            output_final_state: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from .triton_prefill import lightning_prefill_triton
+        o, final = lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state)
+    elif backend == "cuda":
+        o, final = torch.ops.mm1.lightning_prefill_cuda(q, k, v, slopes, initial_state, cu_seqlens,
+                                                        output_final_state)
+    else:
+        o, final = reference.lightning_chunked(q, k, v, slopes, initial_state, cu_seqlens)
+    if not output_final_state or final is None:
+        final = q.new_empty(0, dtype=torch.float32)
+    return o, final
+
+
+@_lightning_attention_op.register_fake
+def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend):
+    B, T, H, D = q.shape
+    n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = q.new_empty(B, T, H, v.shape[-1])
+    final = (q.new_empty(n, H, D, v.shape[-1], dtype=torch.float32) if output_final_state
+             else q.new_empty(0, dtype=torch.float32))
+    return o, final
+
+
+@torch.library.custom_op("mm1::lightning_decode", mutates_args=("state_cache",))
+def _lightning_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                         state_cache: torch.Tensor, slot_ids: Optional[torch.Tensor],
+                         backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from .triton_decode import lightning_decode_triton
+        return lightning_decode_triton(q, k, v, slopes, state_cache, slot_ids)
+    if backend == "cuda":
+        return torch.ops.mm1.lightning_decode_cuda(q, k, v, slopes, state_cache, slot_ids)
+    return reference.lightning_decode_reference(q, k, v, slopes, state_cache, slot_ids)
+
+
+@_lightning_decode_op.register_fake
+def _(q, k, v, slopes, state_cache, slot_ids, backend):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+def _check_qkv_slopes(q, k, v, slopes, ndim):
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=ndim, last_dim_contiguous=True)
+    device = q.device
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, shape=tuple(q.shape), device=device, last_dim_contiguous=True)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(q.shape[:-1]) + (None,), device=device,
+                 last_dim_contiguous=True)
+    check_same_dtype(q=q, k=k, v=v)
+    H, D, DV = q.shape[-2], q.shape[-1], v.shape[-1]
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= DV <= MAX_HEAD_DIM):
+        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got q/k {D} and v {DV}")
+    check_tensor("slopes", slopes, dtypes=(torch.float32,), shape=(H,), device=device, contiguous=True)
+    return H, D, DV
+
+
+@annotate("mm1.lightning_attention")
+def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                        initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                        cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+    """Chunked lightning attention (prefill): ``o_t = q_t S_t``, ``S_t = exp(-s) S_{t-1} + k_t^T v_t``.
+
+    Args:
+        q, k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``; bf16, fp16 or fp32, one dtype, unit stride
+            in the last dimension (views of a fused qkv tensor are fine). No 1/sqrt(D) scale.
+        slopes: ``[H]`` fp32 decay rates (:func:`lightning_slopes`); the decay is ``exp(-slopes)``.
+        initial_state: optional fp32 ``[N, H, D, Dv]`` contiguous, the state before each sequence.
+        output_final_state: also return each sequence's fp32 state after its last token.
+        cu_seqlens: optional int32/int64 ``[N+1]`` offsets for varlen input packed with ``B == 1``:
+            sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]``; N = B otherwise.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic; see ``_dispatch``).
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, Dv]`` in q's dtype; final_state fp32 ``[N, H, D, Dv]``
+        or None when not requested.
+
+    The state and all accumulation are fp32. The Triton kernel's docstring says how one
+    1,048,576-token sequence runs in one call with bounded scratch.
+    """
+    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
+    B, T = q.shape[:2]
+    device = q.device
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"varlen input (cu_seqlens given) must be packed with B == 1, got B = {B}")
+        n = check_cu_seqlens(cu_seqlens, T, device)
+    else:
+        n = B
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, dtypes=(torch.float32,), shape=(n, H, D, DV),
+                     device=device, contiguous=True)
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    chosen = resolve_backend("lightning_attention", backend, device, PREFILL_BACKENDS,
+                             cuda_op="lightning_prefill_cuda")
+    o, final = torch.ops.mm1.lightning_attention(q, k, v, slopes, initial_state, cu_seqlens,
+                                                 output_final_state, chosen)
+    return o, (final if output_final_state else None)
+
+
+@annotate("mm1.lightning_decode")
+def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                     state_cache: torch.Tensor, slot_ids: Optional[torch.Tensor] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """One lightning decode step for a batch, updating ``state_cache`` in place.
+
+    Args:
+        q, k: ``[B, H, D]`` (or ``[B, 1, H, D]``); v: ``[B, H, Dv]`` (or ``[B, 1, H, Dv]``).
+        slopes: ``[H]`` fp32.
+        state_cache: fp32 ``[S, H, D, Dv]`` contiguous; row b reads and writes slot ``slot_ids[b]``.
+        slot_ids: int32/int64 ``[B]``; a negative slot marks a padding row (state untouched,
+            output zero). Default: row b uses slot b (needs ``B <= S``). Slots must be distinct.
+        backend: as in :func:`lightning_attention`.
+
+    Returns ``o`` shaped like q (with v's last dimension), in q's dtype.
+
+    No host synchronization on the GPU except the slot-range check, which is skipped during CUDA
+    graph capture and torch.compile; the kernels then leave the state of an out-of-range slot
+    untouched and return NaN for that row, so a bad id is loud, never an out-of-bounds write.
+    """
+    squeeze = q.dim() == 4
+    if squeeze:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4 or t.shape[1] != 1:
+                raise ValueError(f"{name} must be [B, H, D] or [B, 1, H, D], got {list(t.shape)}")
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 3)
+    B = q.shape[0]
+    device = q.device
+    check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
+                 device=device, contiguous=True)
+    if slot_ids is not None:
+        check_slot_ids(slot_ids, B, state_cache.shape[0], device)
+    elif B > state_cache.shape[0]:
+        raise ValueError(f"without slot_ids, row b uses slot b: batch {B} > {state_cache.shape[0]} slots")
+    chosen = resolve_backend("lightning_decode", backend, device, DECODE_BACKENDS,
+                             cuda_op="lightning_decode_cuda")
+    o = torch.ops.mm1.lightning_decode(q, k, v, slopes, state_cache, slot_ids, chosen)
+    return o[:, None] if squeeze else o
+
+
+def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """M1's per-head decay rates for a global layer index; see ``reference.lightning_slopes``."""
+    return reference.lightning_slopes(num_heads, layer_idx, num_layers)

@@ -1,0 +1,133 @@
+"""Lightning attention, the plain math (M1_REFERENCE §3). This file is the truth.
+
+Per head h with decay ``λ_h = exp(-s_h)`` and an fp32 (or fp64) state ``S [D, D]``::
+
+    S_t = λ · S_{t-1} + k_t^T v_t
+    o_t = q_t · S_t
+
+No 1/sqrt(D) scale, and never an inverse decay (``λ^-n`` overflows at M1's slopes).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _power_of_two_base(n: int) -> list[float]:
+    # ALiBi base for a power-of-two head count: 2^(-8(h+1)/n).
+    return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+
+def lightning_base_slopes(num_heads: int) -> list[float]:
+    """The per-head base of M1's slopes, before the layer factor."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    if num_heads & (num_heads - 1) == 0:
+        return _power_of_two_base(num_heads)
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    return _power_of_two_base(p) + _power_of_two_base(2 * p)[0::2][: num_heads - p]
+
+
+def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """Decay rates ``s`` [num_heads] fp32 for GLOBAL layer ``layer_idx`` of a ``num_layers`` model.
+
+    ``s_h = base_h · (1 - layer_idx / (num_layers - 1) + 1e-5)``; the decay is ``exp(-s_h)``.
+    A slice of the model keeps the original ``layer_idx`` and ``num_layers``.
+    """
+    if num_layers < 2:
+        raise ValueError(f"num_layers must be at least 2, got {num_layers}")
+    if not 0 <= layer_idx < num_layers:
+        raise ValueError(f"layer_idx must be in [0, {num_layers}), got {layer_idx}")
+    factor = 1.0 - layer_idx / (num_layers - 1) + 1e-5
+    # Computed in double, rounded once to fp32.
+    return torch.tensor([b * factor for b in lightning_base_slopes(num_heads)], dtype=torch.float64).float()
+
+
+def _sequences(T: int, B: int, cu_seqlens: torch.Tensor | None):
+    """(batch row, start, end) for each sequence."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    cu = cu_seqlens.tolist()
+    return [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
+
+
+def lightning_recurrence(q, k, v, slopes, initial_state=None, cu_seqlens=None,
+                         dtype: torch.dtype = torch.float64):
+    """Token-by-token recurrence in ``dtype`` (fp64 by default). Returns (o, final_state).
+
+    Shapes: q, k, v [B, T, H, D]; slopes [H]; states [N, H, D, D] where N is B, or the number
+    of sequences when ``cu_seqlens`` ([N+1], B == 1) is given. ``o`` is returned in ``dtype``.
+    """
+    B, T, H, D = q.shape
+    qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+    lam = torch.exp(-slopes.to(dtype))[:, None, None]  # [H, 1, 1]
+    seqs = _sequences(T, B, cu_seqlens)
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=dtype, device=q.device)
+    final = torch.empty(len(seqs), H, D, v.shape[-1], dtype=dtype, device=q.device)
+    for n, (b, start, end) in enumerate(seqs):
+        S = (initial_state[n].to(dtype).clone() if initial_state is not None
+             else torch.zeros(H, D, v.shape[-1], dtype=dtype, device=q.device))
+        for t in range(start, end):
+            S = lam * S + kd[b, t, :, :, None] * vd[b, t, :, None, :]
+            o[b, t] = torch.einsum("hd,hde->he", qd[b, t], S)
+        final[n] = S
+    return o, final
+
+
+def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
+                      chunk_size: int = 64, dtype: torch.dtype = torch.float32):
+    """The chunked form, computed in ``dtype`` (fp32: the torch backend). Returns (o, final_state).
+
+    For a block of m ≤ C tokens starting at c with incoming state S_in::
+
+        o_{c+j} = λ^(j+1) q_{c+j} S_in + Σ_{i≤j} λ^(j-i) (q_{c+j}·k_{c+i}) v_{c+i}
+        S_out   = λ^m S_in + Σ_{i<m} λ^(m-1-i) k_{c+i}^T v_{c+i}
+
+    Only non-negative decay exponents appear. ``o`` is returned in q's dtype, states in fp32.
+    """
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    s = slopes.to(device=q.device, dtype=dtype)
+    seqs = _sequences(T, B, cu_seqlens)
+    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
+    final = torch.empty(len(seqs), H, D, Dv, dtype=torch.float32, device=q.device)
+    pos = torch.arange(chunk_size, device=q.device, dtype=dtype)
+    diff = pos[:, None] - pos[None, :]                                        # j - i
+    causal = diff >= 0
+    intra_decay = torch.where(causal, torch.exp(-s[:, None, None] * diff.clamp(min=0)), 0.0)  # [H, C, C]
+    for n, (b, start, end) in enumerate(seqs):
+        S = (initial_state[n].to(dtype) if initial_state is not None
+             else torch.zeros(H, D, Dv, dtype=dtype, device=q.device))
+        for c in range(start, end, chunk_size):
+            m = min(chunk_size, end - c)
+            qc = q[b, c:c + m].to(dtype).transpose(0, 1)                      # [H, m, D]
+            kc = k[b, c:c + m].to(dtype).transpose(0, 1)
+            vc = v[b, c:c + m].to(dtype).transpose(0, 1)                      # [H, m, Dv]
+            scores = (qc @ kc.transpose(1, 2)) * intra_decay[:, :m, :m]
+            inter = (qc @ S) * torch.exp(-s[:, None, None] * (pos[:m] + 1)[None, :, None])
+            o[b, c:c + m] = (scores @ vc + inter).transpose(0, 1).to(q.dtype)
+            k_decay = torch.exp(-s[:, None, None] * (m - 1 - pos[:m])[None, :, None])
+            S = torch.exp(-s * m)[:, None, None] * S + (kc * k_decay).transpose(1, 2) @ vc
+        final[n] = S.float()
+    return o, final
+
+
+def lightning_decode_reference(q, k, v, slopes, state_cache, slot_ids=None):
+    """One recurrence step in fp32, updating ``state_cache [S, H, D, D]`` in place.
+
+    q, k, v [B, H, D]; ``slot_ids [B]`` (default ``arange(B)``) picks each row's slot; a negative
+    slot is a padding row: its state is untouched and its output is zero.
+    """
+    B = q.shape[0]
+    if slot_ids is None:
+        slot_ids = torch.arange(B, device=q.device)
+    o = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    lam = torch.exp(-slopes.float())[:, None, None]
+    valid = (slot_ids >= 0).nonzero().flatten()
+    if valid.numel():
+        slots = slot_ids[valid].long()
+        S = lam * state_cache[slots] + k[valid].float()[..., :, None] * v[valid].float()[..., None, :]
+        state_cache[slots] = S
+        o[valid] = torch.einsum("bhd,bhde->bhe", q[valid].float(), S).to(q.dtype)
+    return o

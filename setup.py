@@ -1,0 +1,63 @@
+"""Build for mm1-kernels.
+
+The Python package always installs. The CUDA extension ``mm1_kernels._C`` is built
+only when the installed torch is a CUDA build and ``MM1_SKIP_CUDA_BUILD`` is not set;
+``MM1_CUDA_ARCHS`` picks the targets (default ``90a``, i.e. ``sm_90a``; a list such
+as ``"90a;100a"`` builds several). Install with ``pip install --no-build-isolation -e .``
+so pip never resolves a second torch into a build environment.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_extensions():
+    if os.environ.get("MM1_SKIP_CUDA_BUILD", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    sources += [os.path.join("csrc", "torch_bindings.cpp")]
+    if not os.path.exists(os.path.join(ROOT, sources[-1])):
+        return [], {}
+    archs = os.environ.get("MM1_CUDA_ARCHS", "90a").replace(",", ";").split(";")
+    gencode = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    ext = CUDAExtension(
+        name="mm1_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extensions()
+
+setup(
+    name="mm1-kernels",
+    version="0.1.0",
+    description="Lightning attention, fused MoE and FP32-head kernels for the MiniMax-M1 architecture",
+    packages=find_packages(include=["mm1_kernels", "mm1_kernels.*", "bench", "bench.*", "profiles", "profiles.*"])
+    + ["mm1_model"] + ["mm1_model." + p for p in find_packages(where="model")],
+    package_dir={"mm1_model": "model"},
+    python_requires=">=3.10",
+    # torch is deliberately not listed: an unpinned torch requirement makes pip fetch a
+    # multi-GB CUDA build. Install torch first (README), then this package.
+    install_requires=["numpy", "safetensors"],
+    extras_require={"triton": ["triton>=3.2"], "test": ["pytest", "transformers"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
