@@ -1,0 +1,127 @@
+"""The M1 MoE block, the plain math (M1_REFERENCE §5). This file is the truth.
+
+For each token y (one row of x) with router logits l [E]::
+
+    p       = softmax(l)                         # fp32 at least (fp64 when given fp64)
+    w, ids  = topk(p, k)                         # ties: the lower expert index wins
+    w       = w / sum(w)                         # renormalize (for k = 2: sigmoid(l1 - l2))
+    out     = Σ_j w_j · W2[ids_j] (silu(W1[ids_j] y) * W3[ids_j] y)
+
+``w13[e]`` stacks W1 (gate, rows ``[0, I)``) over W3 (up, rows ``[I, 2I)``); ``w2[e]`` is W2
+``[hidden, I]``. int8 weight-only experts store ``w_q`` with fp32 per-output-channel scales,
+``w ≈ w_q * scale[..., None]``.
+
+Everything here computes in fp32, or fp64 when the inputs (or ``compute_dtype``) say so;
+tests run it in fp64 as the truth, the ``torch`` backend runs it in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def moe_route_reference(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = True,
+                        compute_dtype: Optional[torch.dtype] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """softmax → top-k → renormalize. Returns ``(weights [T, k], ids [T, k] int64)``.
+
+    Weights are in ``compute_dtype`` (default fp32, fp64 for fp64 logits). A *stable*
+    descending sort, not ``torch.topk``, picks the experts: topk's order among equal
+    probabilities is unspecified, the stable sort keeps the lower expert index first.
+    """
+    dtype = compute_dtype or _compute_dtype(router_logits)
+    p = torch.softmax(router_logits.to(dtype), dim=-1)
+    values, ids = torch.sort(p, dim=-1, descending=True, stable=True)
+    w, ids = values[:, :top_k], ids[:, :top_k]
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids
+
+
+def dequantize_moe_weight(w_q: torch.Tensor, scale: torch.Tensor,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w_q [..., N, K]`` int8 and ``scale [..., N]`` → ``w_q * scale[..., None]`` in ``dtype``."""
+    return w_q.to(dtype) * scale.to(dtype)[..., None]
+
+
+def quantize_moe_weights_reference(w13: torch.Tensor, w2: torch.Tensor):
+    """Symmetric int8 per output channel: ``scale = amax(|w|, over K) / 127``, ``q = round(w / scale)``.
+
+    Returns ``(w13_q int8 [E, 2I, hidden], w13_scale fp32 [E, 2I], w2_q int8 [E, hidden, I],
+    w2_scale fp32 [E, hidden])``. An all-zero channel gets scale 0 and q 0 (dequantizes to 0).
+    """
+    out = []
+    for w in (w13, w2):
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
+        for e in range(w.shape[0]):  # one expert at a time: M1's w13 is 14 GB in fp32
+            wf = w[e].to(torch.float32)
+            s = wf.abs().amax(dim=-1) / 127.0
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            q[e] = torch.round(wf / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+            scale[e] = s
+        out += [q, scale]
+    return tuple(out)
+
+
+def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                        topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        w13_scale: Optional[torch.Tensor] = None,
+                        w2_scale: Optional[torch.Tensor] = None,
+                        compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The expert computation and the weighted top-k sum.
+
+    Args:
+        x ``[T, hidden]``; w13 ``[E, 2I, hidden]``; w2 ``[E, hidden, I]`` (float, or int8 with
+        w13_scale ``[E, 2I]`` / w2_scale ``[E, hidden]``); topk_weights ``[T, k]``;
+        topk_ids ``[T, k]`` integer in ``[0, E)``.
+        compute_dtype: default fp32 (fp64 if any float input is fp64).
+
+    Returns ``[T, hidden]`` in ``compute_dtype`` (callers cast).
+
+    Loops over the experts that received tokens only (one ``nonzero`` per call, so this
+    synchronizes the host; it is the reference, the kernels do not). Each (token, slot) row is
+    computed once, then the k slots of a token are summed in slot order, so the result is
+    deterministic on every device (no ``index_add`` with float atomics).
+    """
+    dtype = compute_dtype or _compute_dtype(x, w13, w2, topk_weights)
+    T, hidden = x.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    k = topk_ids.shape[1]
+    xf = x.to(dtype)
+    flat_ids = topk_ids.reshape(-1).to(torch.int64)
+    flat_w = topk_weights.reshape(-1).to(dtype)
+    rows = torch.zeros(T * k, hidden, dtype=dtype, device=x.device)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=E).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        entries = order[start:start + n]
+        start += n
+        if w13.dtype == torch.int8:
+            g_u = dequantize_moe_weight(w13[e], w13_scale[e], dtype)
+            down = dequantize_moe_weight(w2[e], w2_scale[e], dtype)
+        else:
+            g_u, down = w13[e].to(dtype), w2[e].to(dtype)
+        xe = xf.index_select(0, entries // k)
+        gate_up = xe @ g_u.t()
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        rows[entries] = (h @ down.t()) * flat_w[entries, None]
+    return rows.view(T, k, hidden).sum(dim=1)
+
+
+def moe_block_reference(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
+                        w2: torch.Tensor, top_k: int = 2, renormalize: bool = True,
+                        compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The whole block, route then experts, in ``compute_dtype`` (fp64 by default)."""
+    w, ids = moe_route_reference(router_logits, top_k, renormalize, compute_dtype)
+    return fused_moe_reference(x, w13, w2, w, ids, compute_dtype=compute_dtype)

@@ -1,0 +1,388 @@
+"""Lightning attention: Triton and torch backends against the fp64 recurrence."""
+import math
+
+import pytest
+import torch
+
+import mm1_kernels as mk
+from mm1_kernels import BackendUnavailableError
+from mm1_kernels.lightning import reference as ref
+from mm1_kernels.lightning.triton_prefill import lightning_prefill_triton
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+BACKENDS = ["triton", "torch"]
+
+
+def rel_err(out, truth):
+    truth = truth.double()
+    return ((out.double() - truth).norm() / truth.norm().clamp_min(1e-300)).item()
+
+
+def make_qkv(B, T, H, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # silu-activated, as in the model: q/k/v are silu(x @ W_qkv^T)
+    qkv = [torch.nn.functional.silu(torch.randn(B, T, H, D, generator=g)).to(device, dtype) for _ in range(3)]
+    return qkv
+
+
+def make_state(N, H, D, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (0.1 * torch.randn(N, H, D, D, generator=g)).to(device)
+
+
+# --------------------------------------------------------------------------- slopes
+
+def test_slopes_power_of_two_m1():
+    s0 = mk.lightning_slopes(64, 0, 80)
+    expected = torch.tensor([2.0 ** (-(h + 1) / 8) * (1 + 1e-5) for h in range(64)], dtype=torch.float64)
+    assert s0.dtype == torch.float32 and s0.shape == (64,)
+    torch.testing.assert_close(s0.double(), expected, rtol=1e-7, atol=0)
+    assert abs(s0[0].item() - 0.917) < 1e-3                         # M1_REFERENCE: λ ≈ 0.40
+    s78 = mk.lightning_slopes(64, 78, 80)
+    assert abs(s78[63].item() - 2.0 ** -8 * (1 - 78 / 79 + 1e-5)) < 1e-9
+    assert 4.8e-5 < s78[63].item() < 5.0e-5
+
+
+@pytest.mark.parametrize("H", [6, 12, 40, 48])
+def test_slopes_not_power_of_two(H):
+    def base(n):
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+    p = 2 ** int(math.floor(math.log2(H)))
+    expected = base(p) + base(2 * p)[0::2][: H - p]
+    factor = 1 - 39 / 79 + 1e-5
+    got = mk.lightning_slopes(H, 39, 80)
+    assert got.shape == (H,)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64) * factor,
+                               rtol=1e-7, atol=0)
+
+
+def test_slopes_bad_args():
+    with pytest.raises(ValueError):
+        mk.lightning_slopes(0, 0, 80)
+    with pytest.raises(ValueError):
+        mk.lightning_slopes(64, 80, 80)
+    with pytest.raises(ValueError):
+        mk.lightning_slopes(64, 0, 1)
+
+
+# --------------------------------------------------------------------------- prefill
+
+PREFILL_CASES = [
+    # (B, T, H, D, layer, dtype, with_initial_state)
+    (2, 1, 2, 64, 0, torch.float32, False),
+    (1, 17, 2, 64, 39, torch.float32, True),
+    (2, 63, 2, 64, 78, torch.float32, False),
+    (1, 64, 2, 128, 39, torch.float32, True),
+    (2, 65, 2, 64, 0, torch.bfloat16, True),
+    (1, 257, 3, 64, 78, torch.bfloat16, False),
+    (1, 1000, 2, 64, 78, torch.float32, True),
+    (1, 1000, 1, 128, 0, torch.bfloat16, True),
+    (1, 65, 64, 128, 39, torch.float32, True),     # M1 head count and width
+    (1, 33, 64, 128, 0, torch.bfloat16, False),
+    (2, 40, 2, 64, 39, torch.float16, True),
+    (1, 20, 2, 48, 39, torch.float32, True),        # head dim not a power of two
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T,H,D,layer,dtype,with_init", PREFILL_CASES)
+def test_prefill_matches_fp64_recurrence(backend, B, T, H, D, layer, dtype, with_init, device, poison_outputs):
+    q, k, v = make_qkv(B, T, H, D, dtype, device)
+    slopes = mk.lightning_slopes(H, layer, 80).to(device)
+    init = make_state(B, H, D, device) if with_init else None
+    o, final = mk.lightning_attention(q, k, v, slopes, initial_state=init, output_final_state=True,
+                                      backend=backend)
+    ref_o, ref_final = ref.lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu(),
+                                                None if init is None else init.cpu())
+    assert o.dtype == dtype and o.shape == (B, T, H, D)
+    assert final.dtype == torch.float32 and final.shape == (B, H, D, D)
+    assert torch.isfinite(o).all() and torch.isfinite(final).all()
+    assert rel_err(o.cpu(), ref_o) <= TOL[dtype]
+    # The state is fp32 whatever the input dtype; only the inputs were rounded.
+    assert rel_err(final.cpu(), ref_final) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("segment_len", [64, 128])
+def test_prefill_segmented_matches_recurrence(dtype, segment_len, device, poison_outputs):
+    """The multi-segment path (local states, scan, output pass) that long sequences take."""
+    B, T, H, D = 2, 300, 2, 64
+    q, k, v = make_qkv(B, T, H, D, dtype, device, seed=3)
+    slopes = mk.lightning_slopes(H, 78, 80).to(device)
+    init = make_state(B, H, D, device)
+    o, final = lightning_prefill_triton(q, k, v, slopes, init, None, True, segment_len=segment_len)
+    ref_o, ref_final = ref.lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu(), init.cpu())
+    assert rel_err(o.cpu(), ref_o) <= TOL[dtype]
+    assert rel_err(final.cpu(), ref_final) <= 1e-5
+
+
+def varlen_case(lengths, H, D, dtype, device, seed=5):
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    q, k, v = make_qkv(1, int(cu[-1]), H, D, dtype, device, seed)
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_varlen(backend, dtype, device, poison_outputs):
+    lengths = [1, 70, 0, 1, 130, 64]
+    H, D = 2, 64
+    q, k, v, cu = varlen_case(lengths, H, D, dtype, device)
+    slopes = mk.lightning_slopes(H, 39, 80).to(device)
+    init = make_state(len(lengths), H, D, device)
+    o, final = mk.lightning_attention(q, k, v, slopes, initial_state=init, output_final_state=True,
+                                      cu_seqlens=cu, backend=backend)
+    ref_o, ref_final = ref.lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu(), init.cpu(),
+                                                cu_seqlens=cu.cpu())
+    assert final.shape == (len(lengths), H, D, D)
+    assert rel_err(o.cpu(), ref_o) <= TOL[dtype]
+    assert rel_err(final.cpu(), ref_final) <= 1e-5
+    # An empty sequence passes its initial state through untouched.
+    torch.testing.assert_close(final[2].cpu(), init[2].cpu(), rtol=0, atol=0)
+
+
+def test_prefill_varlen_segmented(device, poison_outputs):
+    lengths = [1, 200, 3, 129]
+    H, D = 2, 64
+    q, k, v, cu = varlen_case(lengths, H, D, torch.float32, device)
+    slopes = mk.lightning_slopes(H, 78, 80).to(device)
+    init = make_state(len(lengths), H, D, device)
+    o, final = lightning_prefill_triton(q, k, v, slopes, init, cu, True, segment_len=64)
+    ref_o, ref_final = ref.lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu(), init.cpu(),
+                                                cu_seqlens=cu.cpu())
+    assert rel_err(o.cpu(), ref_o) <= 1e-5
+    assert rel_err(final.cpu(), ref_final) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_strided_views_of_fused_qkv(backend, device):
+    """M1 splits a per-head interleaved qkv tensor: q, k, v are strided views, not copies."""
+    B, T, H, D = 2, 70, 2, 64
+    qkv = torch.nn.functional.silu(torch.randn(B, T, H, 3 * D)).to(device)
+    q, k, v = qkv.split(D, dim=-1)
+    slopes = mk.lightning_slopes(H, 39, 80).to(device)
+    o, _ = mk.lightning_attention(q, k, v, slopes, backend=backend)
+    ref_o, _ = ref.lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu())
+    assert rel_err(o.cpu(), ref_o) <= 1e-5
+
+
+def test_prefill_no_final_state_and_determinism(device):
+    q, k, v = make_qkv(1, 130, 2, 64, torch.bfloat16, device)
+    slopes = mk.lightning_slopes(2, 0, 80).to(device)
+    o1, f1 = mk.lightning_attention(q, k, v, slopes, backend="triton")
+    o2, _ = mk.lightning_attention(q, k, v, slopes, backend="triton")
+    assert f1 is None
+    assert torch.equal(o1, o2)
+
+
+# --------------------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_matches_recurrence_with_padding(backend, dtype, device, poison_outputs):
+    B, H, D, S = 4, 3, 64, 6
+    slopes = mk.lightning_slopes(H, 39, 80).to(device)
+    cache = make_state(S, H, D, device)
+    before = cache.clone()
+    q, k, v = (t[:, 0] for t in make_qkv(B, 1, H, D, dtype, device))
+    slots = torch.tensor([5, -1, 0, 2], dtype=torch.int32, device=device)
+    o = mk.lightning_decode(q, k, v, slopes, cache, slots, backend=backend)
+    assert o.shape == (B, H, D) and o.dtype == dtype
+    lam = torch.exp(-slopes.double().cpu())[:, None, None]
+    for b, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            assert torch.equal(o[b].cpu(), torch.zeros(H, D, dtype=dtype))
+            continue
+        S_new = lam * before[slot].double().cpu() + k[b].double().cpu()[:, :, None] * v[b].double().cpu()[:, None, :]
+        assert rel_err(cache[slot].cpu(), S_new) <= 1e-6
+        o_ref = torch.einsum("hd,hde->he", q[b].double().cpu(), S_new)
+        assert rel_err(o[b].cpu(), o_ref) <= TOL[dtype]
+    for untouched in (1, 3, 4):  # slots no row points at, including the padding row's
+        assert torch.equal(cache[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_accepts_b1hd_and_default_slots(backend, device):
+    B, H, D = 2, 2, 64
+    slopes = mk.lightning_slopes(H, 0, 80).to(device)
+    cache = torch.zeros(3, H, D, D, device=device)
+    q, k, v = make_qkv(B, 1, H, D, torch.float32, device)
+    o = mk.lightning_decode(q, k, v, slopes, cache, backend=backend)
+    assert o.shape == (B, 1, H, D)
+    expected = torch.einsum("bhd,bhd,bhe->bhe", q[:, 0].double(), k[:, 0].double(), v[:, 0].double())
+    assert rel_err(o[:, 0].cpu(), expected.cpu()) <= 1e-6
+    assert torch.equal(cache[2], torch.zeros(H, D, D, device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_then_decode_equals_longer_prefill(backend, dtype, device):
+    """Prefill T1 tokens, decode T2 more through the slot cache == prefill of T1 + T2."""
+    lengths, T2, H, D = [5, 70], 6, 2, 64
+    slopes = mk.lightning_slopes(H, 78, 80).to(device)
+    full = [make_qkv(1, n + T2, H, D, dtype, device, seed=10 + i) for i, n in enumerate(lengths)]
+    # Prefill the prompts as one varlen batch.
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
+    packed = [torch.cat([full[i][j][:, :lengths[i]] for i in range(2)], dim=1) for j in range(3)]
+    _, states = mk.lightning_attention(*packed, slopes, output_final_state=True, cu_seqlens=cu, backend=backend)
+    cache = torch.full((4, H, D, D), float("nan"), device=device)
+    slots = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    cache[slots.long()] = states
+    outs = []
+    for t in range(T2):
+        q, k, v = (torch.cat([full[i][j][:, lengths[i] + t] for i in range(2)]) for j in range(3))
+        outs.append(mk.lightning_decode(q, k, v, slopes, cache, slots, backend=backend))
+    for i in range(2):
+        o_full, s_full = mk.lightning_attention(*full[i], slopes, output_final_state=True, backend=backend)
+        decoded = torch.stack([o[i] for o in outs])
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(decoded.float(), o_full[0, lengths[i]:].float()) <= tol
+        assert rel_err(cache[slots[i]], s_full[0]) <= 1e-5
+
+
+# --------------------------------------------------------------------------- dispatch and compile
+
+def test_auto_backend_and_env_override(device, monkeypatch):
+    q, k, v = make_qkv(1, 10, 2, 32, torch.float32, device)
+    slopes = mk.lightning_slopes(2, 0, 80).to(device)
+    ref_o, _ = ref.lightning_recurrence(q.cpu(), k.cpu(), v.cpu(), slopes.cpu())
+    o, _ = mk.lightning_attention(q, k, v, slopes)
+    assert rel_err(o.cpu(), ref_o) <= 1e-5
+    monkeypatch.setenv("MM1_BACKEND", "triton")
+    o, _ = mk.lightning_attention(q, k, v, slopes)
+    assert rel_err(o.cpu(), ref_o) <= 1e-5
+    monkeypatch.setenv("MM1_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MM1_BACKEND"):
+        mk.lightning_attention(q, k, v, slopes)
+
+
+def test_unavailable_backends_raise(monkeypatch):
+    q, k, v = make_qkv(1, 4, 2, 32, torch.float32, "cpu")
+    slopes = mk.lightning_slopes(2, 0, 80)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        mk.lightning_attention(q, k, v, slopes, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        mk.lightning_attention(q, k, v, slopes, backend="tpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        mk.lightning_attention(q, k, v, slopes, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    H, D = 2, 32
+    slopes = mk.lightning_slopes(H, 39, 80).to(device)
+
+    def step(q, k, v, cache, slots):
+        o, final = mk.lightning_attention(q, k, v, slopes, output_final_state=True, backend=backend)
+        cache[slots.long()] = final
+        return o, mk.lightning_decode(q[:, -1], k[:, -1], v[:, -1], slopes, cache, slots, backend=backend)
+
+    q, k, v = make_qkv(2, 9, H, D, torch.float32, device)
+    slots = torch.tensor([1, 0], dtype=torch.int32, device=device)
+    cache_a = torch.zeros(2, H, D, D, device=device)
+    cache_b = cache_a.clone()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    o_c, d_c = compiled(q, k, v, cache_a, slots)
+    o_e, d_e = step(q, k, v, cache_b, slots)
+    torch.testing.assert_close(o_c, o_e)
+    torch.testing.assert_close(d_c, d_e)
+    torch.testing.assert_close(cache_a, cache_b)
+
+
+# --------------------------------------------------------------------------- invalid inputs
+
+def _good(device="cpu"):
+    q, k, v = make_qkv(1, 8, 2, 32, torch.float32, device)
+    return q, k, v, mk.lightning_slopes(2, 0, 80).to(device)
+
+
+@pytest.mark.parametrize("mutate,exc", [
+    (lambda a: a.update(q=a["q"].int()), TypeError),
+    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError),
+    (lambda a: a.update(k=a["k"].bfloat16()), TypeError),
+    (lambda a: a.update(q="not a tensor"), TypeError),
+    (lambda a: a.update(q=a["q"][0]), ValueError),
+    (lambda a: a.update(k=a["k"][:, :4]), ValueError),
+    (lambda a: a.update(v=a["v"][:, :, :1]), ValueError),
+    (lambda a: a.update(q=a["q"].transpose(-1, -2).contiguous().transpose(-1, -2)), ValueError),
+    (lambda a: a.update(slopes=a["slopes"].double()), TypeError),
+    (lambda a: a.update(slopes=a["slopes"][:1]), ValueError),
+    (lambda a: a.update(slopes=a["slopes"].to("meta")), ValueError),
+    (lambda a: a.update(initial_state=torch.zeros(1, 2, 32, 16)), ValueError),
+    (lambda a: a.update(initial_state=torch.zeros(1, 2, 32, 32, dtype=torch.bfloat16)), TypeError),
+    (lambda a: a.update(initial_state=torch.zeros(1, 2, 32, 32).transpose(2, 3)), ValueError),
+    (lambda a: a.update(cu_seqlens=torch.tensor([1, 8], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.float32)), TypeError),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(q=a["q"].expand(2, -1, -1, -1), k=a["k"].expand(2, -1, -1, -1),
+                        v=a["v"].expand(2, -1, -1, -1), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)),
+     ValueError),
+    (lambda a: a.update(output_final_state="yes"), TypeError),
+])
+def test_prefill_rejects_bad_input(mutate, exc):
+    q, k, v, slopes = _good()
+    args = dict(q=q, k=k, v=v, slopes=slopes)
+    mutate(args)
+    with pytest.raises(exc):
+        mk.lightning_attention(backend="torch", **args)
+
+
+@pytest.mark.parametrize("mutate,exc", [
+    (lambda a: a.update(slot_ids=torch.tensor([0, 4], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(slot_ids=torch.tensor([0.0, 1.0])), TypeError),
+    (lambda a: a.update(slot_ids=torch.tensor([0], dtype=torch.int32)), ValueError),
+    (lambda a: a.update(state_cache=torch.zeros(4, 2, 32, 16)), ValueError),
+    (lambda a: a.update(state_cache=torch.zeros(4, 2, 32, 32, dtype=torch.bfloat16)), TypeError),
+    (lambda a: a.update(state_cache=torch.zeros(4, 2, 32, 32).transpose(2, 3)), ValueError),
+    (lambda a: a.update(state_cache=torch.zeros(1, 2, 32, 32), slot_ids=None), ValueError),
+    (lambda a: a.update(q=a["q"][:, None, None]), ValueError),
+    (lambda a: a.update(k=a["k"][:1]), ValueError),
+    (lambda a: a.update(v=a["v"].half()), TypeError),
+])
+def test_decode_rejects_bad_input(mutate, exc):
+    q, k, v, slopes = _good()
+    args = dict(q=q[0, :2], k=k[0, :2], v=v[0, :2], slopes=slopes,
+                state_cache=torch.zeros(4, 2, 32, 32), slot_ids=torch.tensor([0, 3], dtype=torch.int32))
+    mutate(args)
+    cache_before = args["state_cache"].clone()
+    with pytest.raises(exc):
+        mk.lightning_decode(backend="triton", **args)
+    assert torch.equal(args["state_cache"], cache_before)
+
+
+def test_decode_kernel_guards_out_of_range_slot_when_host_check_skipped(device, monkeypatch):
+    """During graph capture the host check is skipped: the kernel must not write out of bounds."""
+    import mm1_kernels.lightning.api as api
+    monkeypatch.setattr(api, "check_slot_ids", lambda *a, **k: None)
+    q, k, v, slopes = _good(device)
+    cache = torch.zeros(3, 2, 32, 32, device=device)
+    guard = torch.zeros(2, 2, 32, 32, device=device)  # not part of the cache
+    o = mk.lightning_decode(q[0, :2], k[0, :2], v[0, :2], slopes, cache,
+                            torch.tensor([7, 1], dtype=torch.int32, device=device), backend="triton")
+    assert torch.isnan(o[0]).all()
+    assert torch.isfinite(o[1]).all()
+    assert torch.equal(cache[0], torch.zeros_like(cache[0])) and torch.equal(guard, torch.zeros_like(guard))
+
+
+def test_one_million_token_plan_fills_gpu_within_scratch_budget(monkeypatch):
+    """The static plan for one 1,048,576-token sequence at M1 shape on a 132-SM H100."""
+    from mm1_kernels.lightning import triton_prefill as tp
+    monkeypatch.setattr(tp, "_num_sms", lambda device: 132)
+    T, H, D = 1 << 20, 64, 128
+    nv = D // tp._value_tile(D)
+    state_bytes = H * D * D * 4
+    L = tp.choose_segment_len(T, 1, H, nv, state_bytes, torch.device("cuda"))
+    assert L is not None and L % tp.CHUNK == 0
+    cu = torch.tensor([0, T])
+    meta, first, last = tp.build_segments(cu[:-1], cu[1:], torch.zeros(1, dtype=torch.int64), T, L)
+    G = meta.shape[0]
+    assert G * state_bytes <= 2 << 30                      # scratch beyond inputs/outputs/states
+    active = meta[:, 0] >= 0
+    assert int(active.sum()) * H * nv >= 132 * 4            # several programs per SM
+    # Segments tile the sequence exactly, in order.
+    spans = meta[active][:, 2:4]
+    assert spans[0, 0] == 0 and spans[-1, 1] == T and torch.equal(spans[1:, 0], spans[:-1, 1])
+    assert int(first[0]) == 0 and int(last[0]) == int(active.sum()) - 1
