@@ -5,6 +5,7 @@ Shape and dtype problems raise ``TypeError`` (wrong type or dtype) or ``ValueErr
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Sequence
 
 import torch
@@ -68,6 +69,27 @@ def can_check_device_values(*tensors: torch.Tensor) -> bool:
     return not any(t.device.type == "meta" for t in tensors)
 
 
+class _ValueCheckMemo:
+    """Remembers the last tensor whose values passed a check, so a model that hands the same
+    ``cu_seqlens`` or ``slot_ids`` to each of its 70 lightning layers pays one host sync per
+    forward, not 70. Identity is held by a weak reference (no address reuse) and the tensor's
+    version counter (any in-place write invalidates it)."""
+
+    def __init__(self):
+        self._ref = None
+        self._key = None
+
+    def hit(self, t: torch.Tensor, key) -> bool:
+        return self._ref is not None and self._ref() is t and self._key == (t._version, key)
+
+    def remember(self, t: torch.Tensor, key) -> None:
+        self._ref, self._key = weakref.ref(t), (t._version, key)
+
+
+_cu_seqlens_memo = _ValueCheckMemo()
+_slot_ids_memo = _ValueCheckMemo()
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.device) -> int:
     """Validate varlen offsets ``[N+1]``: int32, 0 first, non-decreasing, ``total_tokens`` last.
 
@@ -76,7 +98,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.
     check_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES, ndim=1, device=device, contiguous=True)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets ([0, T]), got {cu_seqlens.numel()}")
-    if can_check_device_values(cu_seqlens):
+    if can_check_device_values(cu_seqlens) and not _cu_seqlens_memo.hit(cu_seqlens, total_tokens):
         cu = cu_seqlens.detach().to("cpu", torch.int64)
         if int(cu[0]) != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
@@ -84,13 +106,15 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.
             raise ValueError(f"cu_seqlens must end at the number of tokens ({total_tokens}), got {int(cu[-1])}")
         if bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()[:16]}...")
+        _cu_seqlens_memo.remember(cu_seqlens, total_tokens)
     return cu_seqlens.numel() - 1
 
 
 def check_slot_ids(slot_ids: torch.Tensor, batch: int, num_slots: int, device: torch.device) -> None:
     """Validate ``slot_ids [B]``: integer, on the device, each < ``num_slots`` (negative = padding)."""
     check_tensor("slot_ids", slot_ids, dtypes=INDEX_DTYPES, shape=(batch,), device=device, contiguous=True)
-    if can_check_device_values(slot_ids) and slot_ids.numel():
+    if can_check_device_values(slot_ids) and slot_ids.numel() and not _slot_ids_memo.hit(slot_ids, num_slots):
         hi = int(slot_ids.max())
         if hi >= num_slots:
             raise ValueError(f"slot_ids holds {hi} but the state cache has only {num_slots} slots")
+        _slot_ids_memo.remember(slot_ids, num_slots)

@@ -19,6 +19,8 @@ if not _HAS_CUDA:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
+    # The Triton interpreter trips a numpy deprecation on every scalar index; it is not ours.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:triton.runtime.interpreter")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -386,3 +386,19 @@ def test_one_million_token_plan_fills_gpu_within_scratch_budget(monkeypatch):
     spans = meta[active][:, 2:4]
     assert spans[0, 0] == 0 and spans[-1, 1] == T and torch.equal(spans[1:, 0], spans[:-1, 1])
     assert int(first[0]) == 0 and int(last[0]) == int(active.sum()) - 1
+
+
+def test_value_checks_rerun_after_in_place_change():
+    """The host-side value check is memoized per tensor, but an in-place write invalidates it."""
+    q, k, v, slopes = _good()
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    mk.lightning_attention(q, k, v, slopes, cu_seqlens=cu, backend="torch")
+    cu[1] = 9
+    with pytest.raises(ValueError, match="non-decreasing"):
+        mk.lightning_attention(q, k, v, slopes, cu_seqlens=cu, backend="torch")
+    cache = torch.zeros(4, 2, 32, 32)
+    slots = torch.tensor([0, 3], dtype=torch.int32)
+    mk.lightning_decode(q[0, :2], k[0, :2], v[0, :2], slopes, cache, slots, backend="torch")
+    slots[1] = 4
+    with pytest.raises(ValueError, match="slot"):
+        mk.lightning_decode(q[0, :2], k[0, :2], v[0, :2], slopes, cache, slots, backend="torch")
