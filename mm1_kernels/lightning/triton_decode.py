@@ -42,7 +42,7 @@ def lightning_decode_kernel(
     k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     decay = tl.exp(-tl.load(slopes_ptr + h).to(tl.float32))
-    s_ptrs = state_ptr + (slot * H + h) * D * DV + offs_d.to(tl.int64)[:, None] * DV + offs_v[None, :]
+    s_ptrs = state_ptr + (slot * H + h) * D * DV + (offs_d[:, None] * DV + offs_v[None, :])
     s_mask = mask_d[:, None] & mask_v[None, :]
     S = tl.load(s_ptrs, mask=s_mask, other=0.0)
     S = S * decay + k[:, None] * v[None, :]

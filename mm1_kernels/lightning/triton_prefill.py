@@ -23,24 +23,29 @@ grid still fills the GPU, and three kernels run:
 Scratch memory is one fp32 ``[H, D, D]`` state per segment, nothing per chunk: the number of
 segments is capped so that this stays under ``SCRATCH_BYTES`` (1 GiB). A single 1,048,576-token
 sequence at H=64, D=128 therefore runs in one call with at most 1 GiB of scratch (at most 256
-segments of 4 MiB), while its 64 heads × 2 value tiles × up to 256 segments fill any GPU.
-The price of splitting is that segment contributions K^T V are computed twice (passes 1 and 3),
-about 2·C·D² extra FLOPs per chunk on top of ~6·C·D² (C=64, D=128): +33% arithmetic, which the
-occupancy gain more than repays for one long sequence; nothing is recomputed when not split.
+segments of 4 MiB), while its 64 heads × 4 value tiles × the segments give several programs per
+SM on any GPU. The price of splitting is that segment contributions K^T V are computed twice
+(passes 1 and 3): about 2·C·D² extra FLOPs per chunk on top of ~6·C·D² (C=64, D=128), which buys
+the parallelism one long sequence otherwise lacks; nothing is recomputed when not split.
 
-All offsets into q/k/v/o and the states are computed in 64-bit, since ``T·H·D`` passes 2^31 at
-one million tokens. Decay exponents are never negative, so nothing overflows; ``λ^m`` underflows
+Tile bases and state offsets are 64-bit (block pointers with a 64-bit base per sequence and
+head), since ``T·H·D`` passes 2^31 at one million tokens. Decay exponents are never negative, so nothing overflows; ``λ^m`` underflows
 to 0 for fast heads, which is the correct value.
 
-Precision: the state and every accumulation are fp32. For fp32 inputs every matmul runs in
-full fp32 (``input_precision="ieee"``, no TF32). For bf16/fp16 inputs, Q K^T takes the 16-bit
-inputs (exact products, fp32 accumulation); the three products with an fp32 operand (decayed
-scores × V, Q × S, decayed K^T × V) run as TF32 (10-bit mantissa) rather than rounding the
-fp32 scores and state to bf16 (7-bit): under the CPU interpreter that choice measured 6-8e-3
-relative error against the fp64 recurrence, TF32 3.3e-3, most of it the final conversion of o
-to bf16 (which the interpreter truncates; GPUs round to nearest, ~1.7e-3). The kernel moves
-~64 KiB per chunk and head against ~8 MFLOP, close to the bf16 ridge, so TF32's half rate
-costs little.
+Precision: the state and every accumulation are fp32. fp32 inputs: every matmul in full fp32
+(``input_precision="ieee"``, no TF32). bf16 inputs: Q K^T takes the inputs as they are (exact
+products, fp32 accumulation); the three products with an fp32 operand (decayed scores × V,
+Q × S, decayed K^T × V) split that operand into a bf16 pair hi + lo (~16 mantissa bits) and run
+two bf16 matmuls, rather than rounding the fp32 scores and state to bf16 (8 bits). Measured under
+the CPU interpreter against the fp64 recurrence: rounding gave 6-8e-3 relative error, the split
+gives the floor set by storing o in bf16 (~3e-3 there, since the interpreter truncates instead of
+rounding; ~1.7e-3 with round-to-nearest on a GPU). fp16 inputs cannot use the pair (a state
+above 65504 would overflow), so they are upcast and multiplied in TF32, exact for fp16 values.
+
+Compiled for sm_90a (``tests/test_triton_aot.py`` does this on a CPU), the bf16 output pass at
+D=128 with 8 warps and 32-wide value tiles uses 255 registers and spills ~300 B/thread; 64-wide
+tiles spilled ~700 B, and 64-bit per-element addresses (before block pointers) ~1.2 KB. Tuning
+the rest needs a GPU to tell which fix is faster.
 """
 from __future__ import annotations
 
@@ -56,10 +61,19 @@ MIN_SEGMENT_CHUNKS = 4
 
 
 @triton.jit
-def _load_tile(ptr, row0, stride_t, offs_c, offs_d, D, mask_rows):
-    # A [C, BD] tile of one head, rows [row0, row0 + C) along T, 64-bit addressing.
-    ptrs = ptr + (row0 + offs_c).to(tl.int64)[:, None] * stride_t + offs_d[None, :]
-    return tl.load(ptrs, mask=mask_rows[:, None] & (offs_d[None, :] < D), other=0.0)
+def _dot_split(a16, b32, acc):
+    """acc + a16 @ b32 for a 16-bit a and fp32 b, with b split into a 16-bit hi + lo pair."""
+    b_hi = b32.to(a16.dtype)
+    acc = tl.dot(a16, b_hi, acc)
+    return tl.dot(a16, (b32 - b_hi.to(tl.float32)).to(a16.dtype), acc)
+
+
+@triton.jit
+def _dot_split_lhs(a32, b16, acc):
+    """acc + a32 @ b16 for an fp32 a and 16-bit b, with a split into a 16-bit hi + lo pair."""
+    a_hi = a32.to(b16.dtype)
+    acc = tl.dot(a_hi, b16, acc)
+    return tl.dot((a32 - a_hi.to(tl.float32)).to(b16.dtype), b16, acc)
 
 
 @triton.jit
@@ -78,7 +92,7 @@ def lightning_segment_kernel(
     C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     LOCAL_PASS: tl.constexpr, USE_SEG_STATE: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    FP32_INPUTS: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    DOT_MODE: tl.constexpr,
 ):
     g = tl.program_id(0)
     h = tl.program_id(1)
@@ -101,7 +115,8 @@ def lightning_segment_kernel(
     mask_v = offs_v < DV
     mask_d = offs_d < D
     state_mask = mask_d[:, None] & mask_v[None, :]
-    state_offs = offs_d.to(tl.int64)[:, None] * DV + offs_v[None, :]
+    # 64-bit scalar bases, 32-bit offsets within one [D, DV] state.
+    state_offs = offs_d[:, None] * DV + offs_v[None, :]
     head_state = (seq.to(tl.int64) * H + h) * D * DV
     seg_head_state = (g.to(tl.int64) * H + h) * D * DV
 
@@ -112,37 +127,52 @@ def lightning_segment_kernel(
     else:
         S = tl.zeros([BD, BV], dtype=tl.float32)
 
-    q_base = q_ptr + row * stride_qb + h * stride_qh
-    k_base = k_ptr + row * stride_kb + h * stride_kh
-    v_base = v_ptr + row * stride_vb + h * stride_vh
-    o_base = o_ptr + row * stride_ob + h * stride_oh
-    # Decay of the intra-chunk scores: λ^(j-i) below the diagonal, exponent never negative.
-    diff = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
-    intra_decay = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0.0)), 0.0)
+    # Block pointers over this sequence's rows [0, t_end) of one head: the hardware-friendly
+    # addressing keeps one 64-bit base per tile instead of a 64-bit address per element (which
+    # spilled), and the boundary check zero-fills rows past t_end and columns past D.
+    q_blk = tl.make_block_ptr(q_ptr + row * stride_qb + h * stride_qh, (t_end, D), (stride_qt, 1),
+                              (t_start, 0), (C, BD), (1, 0))
+    k_blk = tl.make_block_ptr(k_ptr + row * stride_kb + h * stride_kh, (t_end, D), (stride_kt, 1),
+                              (t_start, 0), (C, BD), (1, 0))
+    v_blk = tl.make_block_ptr(v_ptr + row * stride_vb + h * stride_vh, (t_end, DV), (stride_vt, 1),
+                              (t_start, iv * BV), (C, BV), (1, 0))
+    o_blk = tl.make_block_ptr(o_ptr + row * stride_ob + h * stride_oh, (t_end, DV), (stride_ot, 1),
+                              (t_start, iv * BV), (C, BV), (1, 0))
     q_decay = tl.exp(-s * (offs_c + 1).to(tl.float32))
+    causal = offs_c[:, None] >= offs_c[None, :]
+    # λ^(j-i) for i ≤ j; the exponent is clamped at 0 above the diagonal, where the mask zeroes it.
+    intra_decay = tl.where(causal, tl.exp(-s * tl.maximum(offs_c[:, None] - offs_c[None, :], 0).to(tl.float32)), 0.0)
 
     for t0 in range(t_start, t_end, C):
         m = tl.minimum(t_end - t0, C)
-        mask_c = offs_c < m
-        k = _load_tile(k_base, t0, stride_kt, offs_c, offs_d, D, mask_c)
-        vp = v_base + (t0 + offs_c).to(tl.int64)[:, None] * stride_vt + offs_v[None, :]
-        v = tl.load(vp, mask=mask_c[:, None] & mask_v[None, :], other=0.0)
-        v32 = v.to(tl.float32)
+        k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
+        v = tl.load(v_blk, boundary_check=(0, 1), padding_option="zero")
         if not LOCAL_PASS:
-            q = _load_tile(q_base, t0, stride_qt, offs_c, offs_d, D, mask_c)
-            if FP32_INPUTS:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:  # 16-bit products are exact; accumulation is fp32
-                scores = tl.dot(q, tl.trans(k))
-            scores = scores * intra_decay
-            out = tl.dot(scores, v32, input_precision=STATE_PRECISION)
-            out += tl.dot(q.to(tl.float32), S, input_precision=STATE_PRECISION) * q_decay[:, None]
-            op = o_base + (t0 + offs_c).to(tl.int64)[:, None] * stride_ot + offs_v[None, :]
-            tl.store(op, out.to(o_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_v[None, :])
+            q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+            if DOT_MODE == "bf16x2":
+                # Products of bf16 inputs are exact, accumulation is fp32. The fp32 state and
+                # decayed scores enter the tensor cores as a bf16 pair (hi + lo), which keeps
+                # ~16 mantissa bits at the cost of a second matmul; see the module docstring.
+                scores = tl.dot(q, tl.trans(k)) * intra_decay
+                out = _dot_split(q, S, tl.zeros([C, BV], tl.float32)) * q_decay[:, None]
+                out = _dot_split_lhs(scores, v, out)
+            else:  # fp32 inputs in full fp32 ("ieee"); fp16 inputs upcast, exact in TF32 ("tf32")
+                scores = tl.dot(q, tl.trans(k), input_precision=DOT_MODE) * intra_decay
+                out = tl.dot(q.to(tl.float32), S, input_precision=DOT_MODE) * q_decay[:, None]
+                out = tl.dot(scores, v.to(tl.float32), out, input_precision=DOT_MODE)
+            tl.store(o_blk, out.to(o_ptr.dtype.element_ty), boundary_check=(0, 1))
+            q_blk = tl.advance(q_blk, (C, 0))
+            o_blk = tl.advance(o_blk, (C, 0))
         # Rows past m were loaded as zeros, so they add nothing; the decay uses the true m.
-        k_decay = tl.where(mask_c, tl.exp(-s * tl.maximum(m - 1 - offs_c, 0).to(tl.float32)), 0.0)
-        kd = k.to(tl.float32) * k_decay[:, None]
-        S = S * tl.exp(-s * m.to(tl.float32)) + tl.dot(tl.trans(kd), v32, input_precision=STATE_PRECISION)
+        k_decay = tl.exp(-s * tl.maximum(m - 1 - offs_c, 0).to(tl.float32))
+        kd = tl.trans(k.to(tl.float32) * k_decay[:, None])
+        S = S * tl.exp(-s * m.to(tl.float32))
+        if DOT_MODE == "bf16x2":
+            S = _dot_split_lhs(kd, v, S)
+        else:
+            S = tl.dot(kd, v.to(tl.float32), S, input_precision=DOT_MODE)
+        k_blk = tl.advance(k_blk, (C, 0))
+        v_blk = tl.advance(v_blk, (C, 0))
 
     if LOCAL_PASS:
         tl.store(seg_state_ptr + seg_head_state + state_offs, S, mask=state_mask)
@@ -169,7 +199,7 @@ def lightning_segment_scan_kernel(
     offs_d = tl.arange(0, BD)
     offs_v = iv * BV + tl.arange(0, BV)
     state_mask = (offs_d < D)[:, None] & (offs_v < DV)[None, :]
-    state_offs = offs_d.to(tl.int64)[:, None] * DV + offs_v[None, :]
+    state_offs = offs_d[:, None] * DV + offs_v[None, :]
     per_segment = tl.full([], H * D * DV, tl.int64)
     head_offs = h * D * DV + state_offs
     if HAS_INIT:
@@ -237,7 +267,10 @@ def build_segments(bos: torch.Tensor, eos: torch.Tensor, rows: torch.Tensor, tot
 
 
 def _value_tile(dv: int) -> int:
-    return min(64, triton.next_power_of_2(dv))
+    # At D = 128 a 64-wide value tile spilled ~700 B/thread when compiled for sm_90a (ptxas -v);
+    # 32 wide spills ~300 B and doubles the programs available to fill the GPU, at the cost of
+    # recomputing Q K^T for each of the 4 value tiles.
+    return max(16, min(32 if dv > 64 else 64, triton.next_power_of_2(dv)))
 
 
 def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state,
@@ -261,7 +294,7 @@ def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_
         bos, eos = cu[:-1], torch.maximum(cu[1:], cu[:-1])
         rows = torch.zeros(N, dtype=torch.int64, device=device)
     BD = max(16, triton.next_power_of_2(D))
-    BV = max(16, _value_tile(DV))
+    BV = _value_tile(DV)
     nv = triton.cdiv(DV, BV)
     if segment_len is None:
         segment_len = choose_segment_len(B * T, N, H, nv, H * D * DV * 4, device)
@@ -274,10 +307,9 @@ def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_
     final = torch.empty(N, H, D, DV, dtype=torch.float32, device=device) if output_final_state else None
     dummy = torch.empty(1, dtype=torch.float32, device=device)
     init = initial_state if initial_state is not None else dummy
-    fp32_inputs = q.dtype == torch.float32
-    num_warps = 8 if BD * BV >= 128 * 64 else 4
-    common = dict(C=CHUNK, BD=BD, BV=BV, FP32_INPUTS=fp32_inputs,
-                  STATE_PRECISION="ieee" if fp32_inputs else "tf32", num_warps=num_warps)
+    dot_mode = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "bf16x2"}[q.dtype]
+    num_warps = 8 if BD >= 128 else 4
+    common = dict(C=CHUNK, BD=BD, BV=BV, DOT_MODE=dot_mode, num_warps=num_warps)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
     grid = (G, H, nv)
     if segment_len is None:

@@ -1,0 +1,57 @@
+"""Every Triton kernel compiles for sm_90a (no GPU needed), within its register budget."""
+import pytest
+
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+from .triton_aot import compile_cases_in_subprocess  # noqa: E402
+
+H100_SMEM = 227 * 1024
+PREFILL = "mm1_kernels.lightning.triton_prefill"
+DECODE = "mm1_kernels.lightning.triton_decode"
+PREFILL_PTRS = dict(slopes_ptr="*fp32", seg_meta_ptr="*i32", seg_state_ptr="*fp32", init_state_ptr="*fp32",
+                    final_state_ptr="*fp32", seq_last_seg_ptr="*i32")
+
+
+def _io(dtype):
+    return {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+
+
+def _cases():
+    cases = {}
+    for dtype, mode in (("bf16", "bf16x2"), ("fp16", "tf32"), ("fp32", "ieee")):
+        for local in (False, True):
+            # D = 128 (M1); the value tile matches triton_prefill._value_tile(128).
+            cases[f"prefill-{dtype}-{'local' if local else 'output'}"] = (
+                PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io(dtype)},
+                dict(C=64, BD=128, BV=32, LOCAL_PASS=local, USE_SEG_STATE=not local, HAS_INIT=False,
+                     STORE_FINAL=not local, DOT_MODE=mode), 8)
+    cases["scan"] = (PREFILL, "lightning_segment_scan_kernel",
+                     dict(slopes_ptr="*fp32", seg_state_ptr="*fp32", init_state_ptr="*fp32",
+                          seq_first_seg_ptr="*i32", seq_last_seg_ptr="*i32"),
+                     dict(BD=128, BV=32, HAS_INIT=True), 4)
+    for dtype in ("bf16", "fp32"):
+        cases[f"decode-{dtype}"] = (DECODE, "lightning_decode_kernel",
+                                    dict(**_io(dtype), slopes_ptr="*fp32", state_ptr="*fp32", slot_ptr="*i32"),
+                                    dict(BD=128, BV=32, HAS_SLOTS=True), 4)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def lightning_stats():
+    return compile_cases_in_subprocess(_cases())
+
+
+def test_all_lightning_kernels_compile_for_hopper(lightning_stats):
+    assert set(lightning_stats) == set(_cases())
+    for name, stats in lightning_stats.items():
+        assert stats["shared_bytes"] <= H100_SMEM, (name, stats)
+
+
+def test_lightning_register_budget(lightning_stats):
+    for name in ("decode-bf16", "decode-fp32", "prefill-bf16-local"):
+        assert lightning_stats[name]["spill_bytes"] == 0, (name, lightning_stats[name])
+    # Regression guards, not goals: the output pass spills ~300 B/thread today and the scan (one
+    # pass over segment boundaries, not hot) ~32 B; see triton_prefill's docstring. Telling
+    # which fix is faster needs a GPU.
+    assert lightning_stats["prefill-bf16-output"]["spill_bytes"] <= 384, lightning_stats["prefill-bf16-output"]
+    assert lightning_stats["scan"]["spill_bytes"] <= 64, lightning_stats["scan"]
