@@ -3,7 +3,7 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler")
 
-from .triton_aot import compile_cases_in_subprocess  # noqa: E402
+from triton_aot import compile_cases_in_subprocess  # noqa: E402
 
 H100_SMEM = 227 * 1024
 PREFILL = "mm1_kernels.lightning.triton_prefill"

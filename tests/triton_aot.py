@@ -61,9 +61,8 @@ def compile_for_hopper(fn, pointer_types: dict[str, str], constexprs: dict, num_
 def compile_cases_in_subprocess(cases: dict[str, tuple[str, str, dict, dict, int]]) -> dict[str, dict]:
     """Compile named cases ``name -> (module, kernel, pointer_types, constexprs, num_warps)``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "tests.triton_aot"], input=json.dumps(cases),
-                         capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(cases),
+                         capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"AOT compilation failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout)

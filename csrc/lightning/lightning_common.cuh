@@ -1,0 +1,106 @@
+// Device helpers shared by the lightning kernels: element conversion, index loads, and the
+// TF32 tensor-core MMA (optionally split 3x for fp32-accurate products).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "lightning/lightning.h"
+
+namespace mm1 {
+namespace lightning {
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Four consecutive elements as fp32; the caller guarantees 4-element alignment.
+template <typename T> __device__ __forceinline__ float4 load4(const T* p);
+template <> __device__ __forceinline__ float4 load4<float>(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+template <> __device__ __forceinline__ float4 load4<__half>(const __half* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+template <> __device__ __forceinline__ float4 load4<__nv_bfloat16>(const __nv_bfloat16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// Element i of an int32 or int64 index array, widened to 64 bits (no truncation of a bad id).
+__device__ __forceinline__ int64_t load_index(const void* p, int index_bytes, int64_t i) {
+  return index_bytes == 8 ? static_cast<const int64_t*>(p)[i]
+                          : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+}
+
+// λ^e = exp(-s·e) rounded once to fp32. Computed in double so that --use_fast_math (which
+// turns expf into ex2.approx of a rounded product) cannot perturb the decays; it runs a few
+// dozen times per block, never in an inner loop.
+__device__ __forceinline__ float decay_pow(float slope, int e) {
+  return static_cast<float>(exp(-static_cast<double>(slope) * static_cast<double>(e)));
+}
+
+// ---- TF32 tensor-core MMA, m16n8k8, fp32 accumulators -------------------------------------
+// Fragment layouts (g = lane / 4, t = lane % 4):
+//   A 16x8 row-major: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4)
+//   B 8x8 (k x n):    b0 (k=t, n=g), b1 (k=t+4, n=g)
+//   C 16x8:           c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1)
+
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// An operand fragment of N fp32 values in TF32. With SPLIT (fp32 inputs) each value is
+// hi + lo, both TF32, and a product costs three MMAs (lo·hi + hi·lo + hi·hi): about fp32
+// accuracy (the dropped lo·lo term is ~2^-22 relative) at tensor-core speed. Without SPLIT
+// (16-bit inputs) one rounded TF32 MMA, the precision the Triton kernel uses for the products
+// with an fp32 operand; bf16/fp16 values themselves are exact in TF32.
+template <int N, bool SPLIT> struct Tf32Frag {
+  uint32_t hi[N];
+  uint32_t lo[N];
+  __device__ __forceinline__ void set(int i, float x) {
+    hi[i] = to_tf32(x);
+    if (SPLIT) lo[i] = to_tf32(x - __uint_as_float(hi[i]));
+  }
+};
+
+template <bool SPLIT>
+__device__ __forceinline__ void mma(float (&c)[4], const Tf32Frag<4, SPLIT>& a, const Tf32Frag<2, SPLIT>& b) {
+  if (SPLIT) {
+    mma_tf32(c, a.lo, b.hi);
+    mma_tf32(c, a.hi, b.lo);
+  }
+  mma_tf32(c, a.hi, b.hi);
+}
+
+}  // namespace lightning
+}  // namespace mm1

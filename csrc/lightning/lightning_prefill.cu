@@ -1,0 +1,368 @@
+// Chunked lightning-attention prefill on tensor cores (mma.sync m16n8k8 TF32).
+//
+// Same math and semantics as mm1_kernels/lightning/triton_prefill.py. Per chunk of m ≤ C = 64
+// tokens of one head, with the incoming fp32 state S [D, DV]:
+//
+//     P     = (Q K^T) ∘ M,            M[j, i] = λ^(j-i) for i ≤ j, else 0
+//     O     = P V + diag(λ^(j+1)) Q S
+//     S_out = λ^m S + (diag(λ^(m-1-i)) K)^T V
+//
+// Work decomposition: one 256-thread CTA (8 warps) per (sequence, head, value tile of BV
+// columns) walks its sequence chunk by chunk; there is no segment split (the Triton kernel's
+// three-pass split for one long sequence is not ported yet, so a single sequence gets
+// H·⌈DV/BV⌉ CTAs: 128 at M1's shape). The state tile lives in the MMA accumulators of the
+// K^T V product (warp w owns state rows [16·S_MT·w, 16·S_MT·(w+1)), all BV columns) and is
+// copied to shared memory once per chunk, where it is the B operand of Q S.
+// Per chunk, warp w computes the 16×32 score tile (row tile w/2, column half w%2; tiles above
+// the diagonal are skipped), then the 16×(BV/2) output tile of the same rows.
+//
+// Precision: every tile is staged in shared memory as fp32. 16-bit inputs are exact in TF32,
+// so Q K^T is exact products with fp32 accumulation; the products with an fp32 operand
+// (P V, Q S, decayed K^T V) round that operand to TF32, as the Triton kernel does. For fp32
+// inputs every product uses the 3xTF32 split (hi·hi + hi·lo + lo·hi), about fp32 accuracy;
+// TF32 alone would miss the 1e-5 contract. Decay powers λ^e (0 ≤ e ≤ 64) are computed once per
+// CTA in double and rounded to fp32; no exponent is ever negative. All offsets into q/k/v/o and
+// the states are 64-bit.
+//
+// Shared memory: DMAX=128, BV=64 (D ≤ 128): 141 KB; DMAX=256, BV=32 (D ≤ 256): 202 KB.
+#include "lightning/lightning_common.cuh"
+
+namespace mm1 {
+namespace lightning {
+namespace {
+
+constexpr int kChunk = 64;
+constexpr int kPrefillThreads = 256;
+constexpr int kPrefillWarps = kPrefillThreads / 32;
+
+struct PrefillArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  const float* slopes;
+  const float* init;
+  float* final_state;
+  const void* cu_seqlens;
+  int cu_index_bytes;
+  int64_t seqlen;
+  int heads, head_dim, value_dim;
+  bool vec4;
+  int64_t sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh;
+};
+
+template <int DMAX, int BV> struct PrefillLayout {
+  // Row strides in floats. ≡ 4 (mod 32) for tiles read as A fragments (row g, col t) or as
+  // K rows in Q K^T; ≡ 8 (mod 32) for tiles read as B fragments (row t, col g). Either way the
+  // 32 lanes of a fragment load hit 32 distinct banks.
+  static constexpr int QK_STRIDE = DMAX + 4;
+  static constexpr int V_STRIDE = BV + 8;
+  static constexpr int P_STRIDE = kChunk + 4;
+  static constexpr int S_STRIDE = BV + 8;
+  static constexpr int Q_OFF = 0;
+  static constexpr int K_OFF = Q_OFF + kChunk * QK_STRIDE;
+  static constexpr int V_OFF = K_OFF + kChunk * QK_STRIDE;
+  static constexpr int P_OFF = V_OFF + kChunk * V_STRIDE;
+  static constexpr int S_OFF = P_OFF + kChunk * P_STRIDE;
+  static constexpr int POW_OFF = S_OFF + DMAX * S_STRIDE;
+  static constexpr int FLOATS = POW_OFF + 68;  // λ^0 .. λ^64, padded
+  static constexpr size_t BYTES = FLOATS * sizeof(float);
+  static_assert(QK_STRIDE % 32 == 4 && P_STRIDE % 32 == 4, "A-operand stride");
+  static_assert(V_STRIDE % 32 == 8 && S_STRIDE % 32 == 8, "B-operand stride");
+};
+
+// dst[j][c] (j < 64, c < cols) = src[j·src_stride + c] for j < rows_valid and c < cols_valid,
+// else 0. With vec4, cols and cols_valid are multiples of 4 and src rows are 4-element aligned.
+template <typename T>
+__device__ __forceinline__ void load_tile(float* dst, int dst_stride, const T* src, int64_t src_stride,
+                                          int rows_valid, int cols, int cols_valid, bool vec4) {
+  if (vec4) {
+    const int groups = cols / 4;
+    for (int idx = threadIdx.x; idx < kChunk * groups; idx += kPrefillThreads) {
+      const int j = idx / groups, c = (idx - j * groups) * 4;
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (j < rows_valid && c < cols_valid) x = load4(src + j * src_stride + c);
+      *reinterpret_cast<float4*>(dst + j * dst_stride + c) = x;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kChunk * cols; idx += kPrefillThreads) {
+      const int j = idx / cols, c = idx - j * cols;
+      dst[j * dst_stride + c] = (j < rows_valid && c < cols_valid) ? to_float(src[j * src_stride + c]) : 0.f;
+    }
+  }
+}
+
+template <typename T, int DMAX, int BV>
+__global__ void __launch_bounds__(kPrefillThreads, 1)
+lightning_prefill_kernel(const PrefillArgs a) {
+  using L = PrefillLayout<DMAX, BV>;
+  constexpr bool SPLIT = std::is_same<T, float>::value;
+  constexpr int S_MT = DMAX / 16 / kPrefillWarps;  // state row tiles per warp
+  constexpr int S_NT = BV / 8;                     // state column tiles
+  constexpr int O_NT = BV / 16;                    // output column tiles per warp (2 warps per row tile)
+  static_assert(S_MT >= 1 && O_NT >= 1, "tile shape");
+
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  float* q_s = smem + L::Q_OFF;
+  float* k_s = smem + L::K_OFF;
+  float* v_s = smem + L::V_OFF;
+  float* p_s = smem + L::P_OFF;
+  float* s_s = smem + L::S_OFF;
+  float* pow_s = smem + L::POW_OFF;
+
+  const int64_t n = blockIdx.x;
+  const int h = blockIdx.y;
+  const int v0 = blockIdx.z * BV;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int D = a.head_dim, DV = a.value_dim;
+  const int DP = (D + 7) & ~7;    // MMA k-extent over D
+  const int DQ = (D + 15) & ~15;  // columns of Q/K staged (state row tiles read up to here)
+  const int v_valid = min(BV, DV - v0);
+
+  int64_t row, bos, eos;
+  if (a.cu_seqlens) {  // clamped like the Triton path: offsets outside [0, T] cannot fault
+    row = 0;
+    bos = min(max(load_index(a.cu_seqlens, a.cu_index_bytes, n), int64_t(0)), a.seqlen);
+    eos = max(min(max(load_index(a.cu_seqlens, a.cu_index_bytes, n + 1), int64_t(0)), a.seqlen), bos);
+  } else {
+    row = n;
+    bos = 0;
+    eos = a.seqlen;
+  }
+
+  const float slope = a.slopes[h];
+  for (int e = tid; e <= kChunk; e += kPrefillThreads) pow_s[e] = decay_pow(slope, e);
+
+  // The state tile: st[mi][ni] is the C fragment of rows (warp·S_MT + mi)·16, columns ni·8.
+  float st[S_MT][S_NT][4];
+  const int64_t state_off = (n * a.heads + h) * static_cast<int64_t>(D) * DV + v0;
+#pragma unroll
+  for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < S_NT; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int d = (warp * S_MT + mi) * 16 + g + (r >= 2 ? 8 : 0);
+        const int c = ni * 8 + 2 * t + (r & 1);
+        st[mi][ni][r] = (a.init && d < D && c < v_valid) ? a.init[state_off + static_cast<int64_t>(d) * DV + c] : 0.f;
+      }
+
+  auto store_state_smem = [&]() {
+#pragma unroll
+    for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < S_NT; ++ni) {
+        const int d = (warp * S_MT + mi) * 16 + g;
+        const int c = ni * 8 + 2 * t;
+        *reinterpret_cast<float2*>(s_s + d * L::S_STRIDE + c) = make_float2(st[mi][ni][0], st[mi][ni][1]);
+        *reinterpret_cast<float2*>(s_s + (d + 8) * L::S_STRIDE + c) = make_float2(st[mi][ni][2], st[mi][ni][3]);
+      }
+  };
+  store_state_smem();
+
+  const T* q_base = static_cast<const T*>(a.q) + row * a.sqb + h * a.sqh;
+  const T* k_base = static_cast<const T*>(a.k) + row * a.skb + h * a.skh;
+  const T* v_base = static_cast<const T*>(a.v) + row * a.svb + h * a.svh + v0;
+  T* o_base = static_cast<T*>(a.o) + row * a.sob + h * a.soh + v0;
+
+  const int mt = warp >> 1;   // token row tile of this warp's scores and outputs
+  const int half = warp & 1;  // which half of the columns
+  const int r0 = mt * 16;
+
+  for (int64_t t0 = bos; t0 < eos; t0 += kChunk) {
+    const int m = static_cast<int>(min(eos - t0, static_cast<int64_t>(kChunk)));
+    load_tile(q_s, L::QK_STRIDE, q_base + t0 * a.sqt, a.sqt, m, DQ, D, a.vec4);
+    load_tile(k_s, L::QK_STRIDE, k_base + t0 * a.skt, a.skt, m, DQ, D, a.vec4);
+    load_tile(v_s, L::V_STRIDE, v_base + t0 * a.svt, a.svt, m, BV, v_valid, a.vec4);
+    __syncthreads();
+
+    // 1. Decayed causal scores P = (Q K^T) ∘ M for rows [r0, r0+16), columns [32·half, +32).
+    {
+      float acc[4][4] = {};
+      for (int k0 = 0; k0 < DP; k0 += 8) {
+        Tf32Frag<4, SPLIT> fa;
+        fa.set(0, q_s[(r0 + g) * L::QK_STRIDE + k0 + t]);
+        fa.set(1, q_s[(r0 + g + 8) * L::QK_STRIDE + k0 + t]);
+        fa.set(2, q_s[(r0 + g) * L::QK_STRIDE + k0 + t + 4]);
+        fa.set(3, q_s[(r0 + g + 8) * L::QK_STRIDE + k0 + t + 4]);
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int n0 = half * 32 + ni * 8;
+          if (n0 < r0 + 16) {  // tiles wholly above the diagonal stay zero
+            Tf32Frag<2, SPLIT> fb;
+            fb.set(0, k_s[(n0 + g) * L::QK_STRIDE + k0 + t]);
+            fb.set(1, k_s[(n0 + g) * L::QK_STRIDE + k0 + t + 4]);
+            mma<SPLIT>(acc[ni], fa, fb);
+          }
+        }
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int j = r0 + g + (r >= 2 ? 8 : 0);
+          const int i = half * 32 + ni * 8 + 2 * t + (r & 1);
+          p_s[j * L::P_STRIDE + i] = (i <= j && j < m) ? acc[ni][r] * pow_s[j - i] : 0.f;
+        }
+    }
+    __syncthreads();
+
+    // 2. O = P V + diag(λ^(j+1)) Q S_in for rows [r0, r0+16), columns [half·BV/2, +BV/2).
+    if (r0 < m) {
+      float pv[O_NT][4] = {};
+      float qs[O_NT][4] = {};
+      const int c_base = half * (BV / 2);
+      for (int k0 = 0; k0 < r0 + 16; k0 += 8) {  // P is zero beyond the diagonal
+        Tf32Frag<4, SPLIT> fa;
+        fa.set(0, p_s[(r0 + g) * L::P_STRIDE + k0 + t]);
+        fa.set(1, p_s[(r0 + g + 8) * L::P_STRIDE + k0 + t]);
+        fa.set(2, p_s[(r0 + g) * L::P_STRIDE + k0 + t + 4]);
+        fa.set(3, p_s[(r0 + g + 8) * L::P_STRIDE + k0 + t + 4]);
+#pragma unroll
+        for (int ni = 0; ni < O_NT; ++ni) {
+          const int n0 = c_base + ni * 8;
+          Tf32Frag<2, SPLIT> fb;
+          fb.set(0, v_s[(k0 + t) * L::V_STRIDE + n0 + g]);
+          fb.set(1, v_s[(k0 + t + 4) * L::V_STRIDE + n0 + g]);
+          mma<SPLIT>(pv[ni], fa, fb);
+        }
+      }
+      for (int k0 = 0; k0 < DP; k0 += 8) {
+        Tf32Frag<4, SPLIT> fa;
+        fa.set(0, q_s[(r0 + g) * L::QK_STRIDE + k0 + t]);
+        fa.set(1, q_s[(r0 + g + 8) * L::QK_STRIDE + k0 + t]);
+        fa.set(2, q_s[(r0 + g) * L::QK_STRIDE + k0 + t + 4]);
+        fa.set(3, q_s[(r0 + g + 8) * L::QK_STRIDE + k0 + t + 4]);
+#pragma unroll
+        for (int ni = 0; ni < O_NT; ++ni) {
+          const int n0 = c_base + ni * 8;
+          Tf32Frag<2, SPLIT> fb;
+          fb.set(0, s_s[(k0 + t) * L::S_STRIDE + n0 + g]);
+          fb.set(1, s_s[(k0 + t + 4) * L::S_STRIDE + n0 + g]);
+          mma<SPLIT>(qs[ni], fa, fb);
+        }
+      }
+#pragma unroll
+      for (int ni = 0; ni < O_NT; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int j = r0 + g + (r >= 2 ? 8 : 0);
+          const int c = c_base + ni * 8 + 2 * t + (r & 1);
+          if (j < m && c < v_valid)
+            o_base[(t0 + j) * a.sot + c] = from_float<T>(fmaf(pow_s[j + 1], qs[ni][r], pv[ni][r]));
+        }
+    }
+
+    // 3. S = λ^m S + (diag(λ^(m-1-i)) K)^T V, accumulated in the state fragments.
+    {
+      const float lam_m = pow_s[m];
+#pragma unroll
+      for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < S_NT; ++ni)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) st[mi][ni][r] *= lam_m;
+      for (int k0 = 0; k0 < m; k0 += 8) {  // rows past m are zero-filled; their decay is 0 too
+        const int i0 = k0 + t, i1 = k0 + t + 4;
+        const float kd0 = i0 < m ? pow_s[m - 1 - i0] : 0.f;
+        const float kd1 = i1 < m ? pow_s[m - 1 - i1] : 0.f;
+        Tf32Frag<2, SPLIT> fb[S_NT];
+#pragma unroll
+        for (int ni = 0; ni < S_NT; ++ni) {
+          fb[ni].set(0, v_s[i0 * L::V_STRIDE + ni * 8 + g]);
+          fb[ni].set(1, v_s[i1 * L::V_STRIDE + ni * 8 + g]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < S_MT; ++mi) {
+          const int d0 = (warp * S_MT + mi) * 16;
+          if (d0 < D) {  // row tiles wholly past D stay zero
+            Tf32Frag<4, SPLIT> fa;
+            fa.set(0, k_s[i0 * L::QK_STRIDE + d0 + g] * kd0);
+            fa.set(1, k_s[i0 * L::QK_STRIDE + d0 + g + 8] * kd0);
+            fa.set(2, k_s[i1 * L::QK_STRIDE + d0 + g] * kd1);
+            fa.set(3, k_s[i1 * L::QK_STRIDE + d0 + g + 8] * kd1);
+#pragma unroll
+            for (int ni = 0; ni < S_NT; ++ni) mma<SPLIT>(st[mi][ni], fa, fb[ni]);
+          }
+        }
+      }
+    }
+    __syncthreads();     // every read of this chunk's tiles and of S_in is done
+    store_state_smem();  // S_in of the next chunk (visible after its first barrier)
+  }
+
+  if (a.final_state) {
+#pragma unroll
+    for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < S_NT; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = (warp * S_MT + mi) * 16 + g + (r >= 2 ? 8 : 0);
+          const int c = ni * 8 + 2 * t + (r & 1);
+          if (d < D && c < v_valid) a.final_state[state_off + static_cast<int64_t>(d) * DV + c] = st[mi][ni][r];
+        }
+  }
+}
+
+template <typename T, int DMAX, int BV>
+cudaError_t launch_prefill(const PrefillArgs& a, int64_t num_seqs, cudaStream_t stream) {
+  using L = PrefillLayout<DMAX, BV>;
+  const auto kernel = lightning_prefill_kernel<T, DMAX, BV>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in; cheap, and legal during capture.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(L::BYTES));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(a.heads),
+                  static_cast<unsigned>((a.value_dim + BV - 1) / BV));
+  kernel<<<grid, kPrefillThreads, L::BYTES, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_prefill(const PrefillArgs& a, int64_t num_seqs, cudaStream_t stream) {
+  if (a.head_dim <= 128) return launch_prefill<T, 128, 64>(a, num_seqs, stream);
+  return launch_prefill<T, 256, 32>(a, num_seqs, stream);
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+}  // namespace
+}  // namespace lightning
+}  // namespace mm1
+
+extern "C" MM1_API cudaError_t mm1_lightning_prefill(
+    mm1_dtype_t dtype, const void* q, const void* k, const void* v, void* o,
+    const float* slopes, const float* initial_state, float* final_state,
+    const void* cu_seqlens, int cu_index_bytes, int64_t num_seqs,
+    int64_t batch, int64_t seqlen, int64_t heads, int64_t head_dim, int64_t value_dim,
+    int64_t stride_qb, int64_t stride_qt, int64_t stride_qh,
+    int64_t stride_kb, int64_t stride_kt, int64_t stride_kh,
+    int64_t stride_vb, int64_t stride_vt, int64_t stride_vh,
+    int64_t stride_ob, int64_t stride_ot, int64_t stride_oh,
+    cudaStream_t stream) {
+  using namespace mm1::lightning;
+  if (heads < 1 || heads > 65535 || head_dim < 1 || value_dim < 1 || head_dim > MM1_LIGHTNING_MAX_HEAD_DIM ||
+      value_dim > MM1_LIGHTNING_MAX_HEAD_DIM || batch < 0 || seqlen < 0 || num_seqs < 0 || num_seqs > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  if (cu_seqlens != nullptr ? (batch != 1 || (cu_index_bytes != 4 && cu_index_bytes != 8)) : num_seqs != batch)
+    return cudaErrorInvalidValue;
+  if (num_seqs == 0) return cudaSuccess;
+  if (!slopes || (seqlen > 0 && (!q || !k || !v || !o))) return cudaErrorInvalidValue;
+  size_t elem = dtype == MM1_DTYPE_FLOAT32 ? 4 : 2;
+  const bool vec4 = head_dim % 4 == 0 && value_dim % 4 == 0 && aligned(q, 4 * elem) && aligned(k, 4 * elem) &&
+                    aligned(v, 4 * elem) && stride_qb % 4 == 0 && stride_qt % 4 == 0 && stride_qh % 4 == 0 &&
+                    stride_kb % 4 == 0 && stride_kt % 4 == 0 && stride_kh % 4 == 0 && stride_vb % 4 == 0 &&
+                    stride_vt % 4 == 0 && stride_vh % 4 == 0;
+  PrefillArgs a{q, k, v, o, slopes, initial_state, final_state, cu_seqlens, cu_index_bytes, seqlen,
+                static_cast<int>(heads), static_cast<int>(head_dim), static_cast<int>(value_dim), vec4,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh};
+  switch (dtype) {
+    case MM1_DTYPE_FLOAT32: return dispatch_prefill<float>(a, num_seqs, stream);
+    case MM1_DTYPE_FLOAT16: return dispatch_prefill<__half>(a, num_seqs, stream);
+    case MM1_DTYPE_BFLOAT16: return dispatch_prefill<__nv_bfloat16>(a, num_seqs, stream);
+  }
+  return cudaErrorInvalidValue;
+}
