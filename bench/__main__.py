@@ -1,0 +1,116 @@
+"""python -m bench [lightning|moe|head|model|all] [...]: ceilings, then every op's grid.
+
+On a GPU: the M1-shaped grids, results written to bench/results/. Without CUDA: tiny grids,
+torch backend (Triton too when TRITON_INTERPRET=1), host-timer medians, results written to a
+temporary directory unless --out or --save says otherwise; the numbers check the harness only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import common
+
+OPS = ("lightning", "moe", "head", "model")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ops", nargs="*", default=["all"], choices=OPS + ("all",), metavar="OP",
+                    help=f"one or more of {', '.join(OPS)}, or all (default)")
+    ap.add_argument("--out", type=Path, help="directory for the results JSON")
+    ap.add_argument("--save", action="store_true", help=f"write to {common.RESULTS_DIR} even on CPU")
+    ap.add_argument("--tiny", action="store_true", help="tiny grids (the default without CUDA)")
+    ap.add_argument("--backends", type=lambda s: s.split(","), help="comma list of mm1 backends")
+    ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip peer implementations")
+    ap.add_argument("--tp", type=int, default=1, help="MoE tensor parallelism: I = 9216 / tp")
+    ap.add_argument("--model-layers", type=int, default=2,
+                    help="layers of the model benchmark (M1 widths; 2 = one lightning, one softmax)")
+    ap.add_argument("--warmup-ms", type=float, help="warm-up per implementation (default 25 GPU, 10 CPU)")
+    ap.add_argument("--rep-ms", type=float, help="timed repetitions budget (default 100 GPU, 30 CPU)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny grids, first point of each line, one warm-up and one timed call (CI)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    if "all" in args.ops:
+        args.ops = list(OPS)
+    return args
+
+
+def run(args) -> tuple[dict, Path]:
+    device = common.bench_device()
+    cpu = device.type != "cuda"
+    args.tiny = args.tiny or args.smoke or cpu
+    policy = common.Policy.for_device(device, args.smoke)
+    policy.warmup_ms = policy.warmup_ms if args.warmup_ms is None else args.warmup_ms
+    policy.rep_ms = policy.rep_ms if args.rep_ms is None else args.rep_ms
+    if cpu:
+        print(common.CPU_WARNING)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("TRITON_INTERPRET=1: the triton backend runs through the interpreter (a correctness "
+                  "path, far slower than a GPU)")
+    torch.manual_seed(0)
+    env = common.environment(device)
+    print(f"device: {env['device_name']}  torch {env['torch']}  triton {env['triton']}  "
+          f"CUDA {env['cuda']}  commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''}")
+    ceilings = common.measure_ceilings(device, policy)
+    print(f"ceilings (measured now): copy {ceilings['copy_GBps']:,.1f} GB/s, "
+          f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:,.2f} TFLOP/s {tuple(ceilings['matmul_shape'])}")
+    rows, skipped_ops = [], {}
+    for op in args.ops:
+        module = importlib.import_module(f"bench.{op}")
+        why = module.unavailable()
+        if why:
+            print(f"[{op}] skipped: {why}")
+            skipped_ops[op] = why
+            continue
+        grid = module.cases(device, args)
+        if args.smoke:  # the first point of each line of the grid is enough to check the harness
+            seen = set()
+            grid = [c for c in grid if (c.kind, c.series) not in seen and not seen.add((c.kind, c.series))]
+        plan = [(case, module.impls(case, device, args)) for case in grid]
+        bar = common.progress_bar(sum(len(i) for _, i in plan), f"bench {op}", args.progress)
+        op_rows = []
+        for case, impl_list in plan:
+            op_rows += common.run_case(
+                case, lambda inputs, c=case: module.cost(c, inputs),
+                lambda c=case: module.make_inputs(c, device), impl_list, device, ceilings,
+                policy, getattr(module, "MEASURE_MEMORY", False), bar)
+        bar.close()
+        if hasattr(module, "postprocess"):
+            op_rows = module.postprocess(op_rows, ceilings)
+        print(f"[{op}]")
+        for row in op_rows:
+            print("  " + common.format_row(row))
+        rows += op_rows
+    run_record = {"schema": common.SCHEMA_VERSION, "created": common.now_iso(), "argv": sys.argv,
+                  "cpu_run": cpu, "note": common.CPU_WARNING if cpu else "", "ops": args.ops,
+                  "skipped_ops": skipped_ops, "env": env, "ceilings": ceilings,
+                  "settings": {"tiny": args.tiny, "smoke": args.smoke, "tp": args.tp,
+                               "timing": dataclasses.asdict(policy), "peers": args.peers,
+                               "backends": args.backends, "model_layers": args.model_layers},
+                  "cases": rows}
+    out_dir = args.out or (common.RESULTS_DIR if (args.save or not cpu)
+                           else Path(tempfile.mkdtemp(prefix="mm1-bench-")))
+    path = common.write_results(run_record, out_dir)
+    print(f"results: {path}")
+    if cpu:
+        print(common.CPU_WARNING)
+    return run_record, path
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

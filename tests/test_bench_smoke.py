@@ -1,0 +1,61 @@
+"""The benchmark harness, its report and the profiling entry points run end to end on the CPU.
+
+Runs ``python -m bench all --smoke`` in a subprocess with CUDA hidden and the Triton
+interpreter off (tiny grids, torch backend, one call per implementation), then renders the
+report from the JSON it wrote. The numbers mean nothing; the fields and files must exist.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*args, cwd=REPO):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_and_report_end_to_end_on_cpu(tmp_path):
+    out = _run("-m", "bench", "all", "--smoke", "--no-progress", "--out", str(tmp_path))
+    assert "CPU run: numbers are not GPU performance" in out
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    run = json.loads(files[0].read_text())
+    assert run["cpu_run"] is True
+    for key in ("device_name", "torch", "triton", "cuda", "git_commit", "sm_count"):
+        assert key in run["env"], key
+    assert run["ceilings"]["copy_GBps"] > 0 and run["ceilings"]["matmul_bf16_TFLOPs"] > 0
+    ok = [c for c in run["cases"] if c["status"] == "ok"]
+    assert {c["op"] for c in ok} >= {"lightning"}, "the lightning torch backend must run"
+    for op in ("moe", "head", "model"):  # either measured or skipped with a reason
+        assert op in run["skipped_ops"] or any(c["op"] == op for c in run["cases"]), op
+    for c in ok:
+        for key in ("kind", "params", "impl", "median_ms", "flops", "bytes", "TFLOPs", "GBps",
+                    "bound", "fraction", "floor_ms"):
+            assert key in c, (key, c["op"], c["impl"])
+        assert c["median_ms"] > 0 and c["flops"] > 0 and c["bytes"] > 0
+    assert all(c["status"] in ("ok", "skipped", "error", "oom") for c in run["cases"])
+
+    report = tmp_path / "report"
+    _run("-m", "bench.report", str(tmp_path), "--out", str(report))
+    md = (report / "report.md").read_text()
+    assert "CPU run: numbers are not GPU performance" in md
+    assert "#### lightning prefill" in md
+    assert list(report.glob("*_lightning_prefill.png"))
+
+
+def test_profile_entry_points_without_a_gpu(tmp_path):
+    for tool in ("run_ncu", "run_nsys"):
+        out = _run("-m", f"profiles.{tool}", "lightning", "prefill", "--dry-run", "--out", str(tmp_path))
+        assert "-m profiles.case lightning prefill" in out
+        out = _run("-m", f"profiles.{tool}", "lightning", "prefill", "--out", str(tmp_path))
+        assert "not profiling" in out.lower()
+    out = _run("-m", "profiles.case", "lightning", "prefill", "--tiny")
+    assert "CPU run" in out
