@@ -37,6 +37,12 @@ void check_last_dim(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have unit stride in its last dimension");
 }
 
+// The ops are callable directly (torch.ops.mm1.*), bypassing api.py's validation: every pointer
+// handed to the kernels must be on q's device, or the kernel dereferences a host/foreign pointer.
+void check_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.device() == q.device(), name, " must be on ", q.device(), ", got ", t.device());
+}
+
 int index_bytes(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name, " must be int32 or int64");
   TORCH_CHECK(t.is_contiguous() && t.is_cuda(), name, " must be a contiguous CUDA tensor");
@@ -55,19 +61,28 @@ std::tuple<at::Tensor, at::Tensor> lightning_prefill_cuda(
   check_last_dim(v, "v");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
   TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.is_contiguous() && slopes.is_cuda(), "slopes must be contiguous fp32 CUDA");
-  const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), DV = v.size(3);
+  // v is read with q's B/T/H extents; a smaller v would be read out of bounds.
+  TORCH_CHECK(v.size(0) == B && v.size(1) == T && v.size(2) == H, "v must be [B, T, H, DV] with q's B, T, H");
+  TORCH_CHECK(slopes.numel() == H, "slopes must have one entry per head");
+  check_device(k, q, "k");
+  check_device(v, q, "v");
+  check_device(slopes, q, "slopes");
+  const c10::cuda::CUDAGuard guard(q.device());
   int64_t N = B;
   const void* cu_ptr = nullptr;
   int cu_bytes = 4;
   if (cu_seqlens.has_value()) {
     cu_bytes = index_bytes(*cu_seqlens, "cu_seqlens");
+    check_device(*cu_seqlens, q, "cu_seqlens");
     TORCH_CHECK(B == 1, "varlen input must be packed with B == 1");
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1, "cu_seqlens must be [N + 1]");
     N = cu_seqlens->numel() - 1;
     cu_ptr = cu_seqlens->data_ptr();
   }
   const float* init_ptr = nullptr;
   if (initial_state.has_value()) {
+    check_device(*initial_state, q, "initial_state");
     TORCH_CHECK(initial_state->scalar_type() == at::kFloat && initial_state->is_contiguous() &&
                     initial_state->sizes() == at::IntArrayRef({N, H, D, DV}),
                 "initial_state must be contiguous fp32 [N, H, D, DV]");
@@ -97,6 +112,12 @@ at::Tensor lightning_decode_cuda(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
   TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.is_contiguous() && slopes.is_cuda(), "slopes must be contiguous fp32 CUDA");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), DV = v.size(2);
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H, "v must be [B, H, DV] with q's B, H");
+  TORCH_CHECK(slopes.numel() == H, "slopes must have one entry per head");
+  check_device(k, q, "k");
+  check_device(v, q, "v");
+  check_device(slopes, q, "slopes");
+  check_device(state_cache, q, "state_cache");
   TORCH_CHECK(state_cache.scalar_type() == at::kFloat && state_cache.is_contiguous() && state_cache.dim() == 4 &&
                   state_cache.size(1) == H && state_cache.size(2) == D && state_cache.size(3) == DV,
               "state_cache must be contiguous fp32 [S, H, D, DV]");
@@ -105,6 +126,7 @@ at::Tensor lightning_decode_cuda(const at::Tensor& q, const at::Tensor& k, const
   int slot_bytes = 4;
   if (slot_ids.has_value()) {
     slot_bytes = index_bytes(*slot_ids, "slot_ids");
+    check_device(*slot_ids, q, "slot_ids");
     TORCH_CHECK(slot_ids->numel() == B, "slot_ids must have one entry per batch row");
     slot_ptr = slot_ids->data_ptr();
   }

@@ -224,6 +224,23 @@ def test_decode_out_of_range_slot_is_nan_and_leaves_state():
     assert torch.isnan(o).all() and torch.equal(state[1:], before[1:])
 
 
+def test_direct_op_calls_reject_bad_devices_and_shapes():
+    """The ops skip api.py's checks when called directly; the bindings must still refuse
+    pointers the kernels cannot dereference and a v smaller than q's extents."""
+    B, H, D = 2, 2, 32
+    q, k, v = (torch.randn(B, H, D, device="cuda") for _ in range(3))
+    s = slopes_for(H, 3)
+    with pytest.raises(RuntimeError, match="state_cache"):
+        torch.ops.mm1.lightning_decode_cuda(q, k, v, s, torch.zeros(B, H, D, D), None)
+    with pytest.raises(RuntimeError, match="v must be"):
+        torch.ops.mm1.lightning_decode_cuda(q, k, v[:1], s, torch.zeros(B, H, D, D, device="cuda"), None)
+    q4, k4, v4 = (torch.randn(1, 9, H, D, device="cuda") for _ in range(3))
+    with pytest.raises(RuntimeError, match="initial_state"):
+        torch.ops.mm1.lightning_prefill_cuda(q4, k4, v4, s, torch.zeros(1, H, D, D), None, False)
+    with pytest.raises(RuntimeError, match="v must be"):
+        torch.ops.mm1.lightning_prefill_cuda(q4, k4, v4[:, :4], s, None, None, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_then_decode_matches_prefill(dtype):
     B, T, extra, H, D = 2, 100, 5, 4, 128

@@ -16,6 +16,15 @@ def _io(dtype):
     return {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
 
 
+# At M1's shape every pointer is 16-byte aligned and every size and stride (H=64, D=128, the
+# strides of a fused [B, T, H, 3D] qkv tensor) is a multiple of 16, as Triton's JIT would see.
+PREFILL_ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "seg_state_ptr", "init_state_ptr", "final_state_ptr",
+                   "stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
+                   "stride_vb", "stride_vt", "stride_vh", "stride_ob", "stride_ot", "stride_oh", "H", "D", "DV")
+DECODE_ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "state_ptr", "stride_qb", "stride_qh", "stride_kb",
+                  "stride_kh", "stride_vb", "stride_vh", "stride_ob", "stride_oh", "H", "D", "DV")
+
+
 def _cases():
     cases = {}
     for dtype, mode in (("bf16", "bf16x2"), ("fp16", "tf32"), ("fp32", "ieee")):
@@ -24,15 +33,15 @@ def _cases():
             cases[f"prefill-{dtype}-{'local' if local else 'output'}"] = (
                 PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io(dtype)},
                 dict(C=64, BD=128, BV=32, LOCAL_PASS=local, USE_SEG_STATE=not local, HAS_INIT=False,
-                     STORE_FINAL=not local, DOT_MODE=mode), 8)
+                     STORE_FINAL=not local, DOT_MODE=mode), 8, 3, PREFILL_ALIGNED)
     cases["scan"] = (PREFILL, "lightning_segment_scan_kernel",
                      dict(slopes_ptr="*fp32", seg_state_ptr="*fp32", init_state_ptr="*fp32",
                           seq_first_seg_ptr="*i32", seq_last_seg_ptr="*i32"),
-                     dict(BD=128, BV=32, HAS_INIT=True), 4)
+                     dict(BD=128, BV=32, HAS_INIT=True), 4, 3, ("seg_state_ptr", "init_state_ptr", "H", "D", "DV"))
     for dtype in ("bf16", "fp32"):
         cases[f"decode-{dtype}"] = (DECODE, "lightning_decode_kernel",
                                     dict(**_io(dtype), slopes_ptr="*fp32", state_ptr="*fp32", slot_ptr="*i32"),
-                                    dict(BD=128, BV=32, HAS_SLOTS=True), 4)
+                                    dict(BD=128, BV=32, HAS_SLOTS=True), 4, 3, DECODE_ALIGNED)
     return cases
 
 
@@ -48,10 +57,8 @@ def test_all_lightning_kernels_compile_for_hopper(lightning_stats):
 
 
 def test_lightning_register_budget(lightning_stats):
-    for name in ("decode-bf16", "decode-fp32", "prefill-bf16-local"):
+    for name in ("decode-bf16", "decode-fp32", "prefill-bf16-local", "prefill-fp16-local", "scan"):
         assert lightning_stats[name]["spill_bytes"] == 0, (name, lightning_stats[name])
-    # Regression guards, not goals: the output pass spills ~300 B/thread today and the scan (one
-    # pass over segment boundaries, not hot) ~32 B; see triton_prefill's docstring. Telling
-    # which fix is faster needs a GPU.
-    assert lightning_stats["prefill-bf16-output"]["spill_bytes"] <= 384, lightning_stats["prefill-bf16-output"]
-    assert lightning_stats["scan"]["spill_bytes"] <= 64, lightning_stats["scan"]
+    # Regression guard: the bf16 output pass sits at the 255-register limit with ~8 B/thread of
+    # spills today (see triton_prefill's docstring).
+    assert lightning_stats["prefill-bf16-output"]["spill_bytes"] <= 64, lightning_stats["prefill-bf16-output"]

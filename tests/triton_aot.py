@@ -35,15 +35,22 @@ class KernelStats:
 
 
 def compile_for_hopper(fn, pointer_types: dict[str, str], constexprs: dict, num_warps: int = 4,
-                       num_stages: int = 3) -> KernelStats:
-    """Compile ``fn`` for sm_90a; scalar arguments not named are i32. Returns ptxas statistics."""
+                       num_stages: int = 3, aligned: tuple[str, ...] = ()) -> KernelStats:
+    """Compile ``fn`` for sm_90a; scalar arguments not named are i32. Returns ptxas statistics.
+
+    ``aligned`` names the arguments Triton's JIT would mark divisible by 16 at run time
+    (16-byte-aligned pointers, sizes and strides that are multiples of 16). Without those
+    hints loads are not vectorized or pipelined and ptxas reports spills a real launch lacks.
+    """
     names = fn.arg_names
-    unknown = set(pointer_types) | set(constexprs)
+    unknown = set(pointer_types) | set(constexprs) | set(aligned)
     unknown -= set(names)
     if unknown:
         raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown)}")
     signature = {n: pointer_types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     kernel = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     ptxas = get_ptxas(90).path
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,8 +65,9 @@ def compile_for_hopper(fn, pointer_types: dict[str, str], constexprs: dict, num_
                        kernel.metadata.shared)
 
 
-def compile_cases_in_subprocess(cases: dict[str, tuple[str, str, dict, dict, int]]) -> dict[str, dict]:
-    """Compile named cases ``name -> (module, kernel, pointer_types, constexprs, num_warps)``."""
+def compile_cases_in_subprocess(cases: dict[str, tuple]) -> dict[str, dict]:
+    """Compile named cases ``name -> (module, kernel, pointer_types, constexprs, num_warps
+    [, num_stages [, aligned]])`` and return each one's :class:`KernelStats` as a dict."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(cases),
                          capture_output=True, text=True, env=env)
@@ -72,9 +80,11 @@ def _main() -> None:
     import importlib
     cases = json.loads(sys.stdin.read())
     results = {}
-    for name, (module, kernel, pointers, constexprs, num_warps) in cases.items():
+    for name, (module, kernel, pointers, constexprs, num_warps, *rest) in cases.items():
         fn = getattr(importlib.import_module(module), kernel)
-        results[name] = compile_for_hopper(fn, pointers, constexprs, num_warps).__dict__
+        num_stages = rest[0] if rest else 3
+        aligned = tuple(rest[1]) if len(rest) > 1 else ()
+        results[name] = compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages, aligned).__dict__
     print(json.dumps(results))
 
 

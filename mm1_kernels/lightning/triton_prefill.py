@@ -42,10 +42,11 @@ gives the floor set by storing o in bf16 (~3e-3 there, since the interpreter tru
 rounding; ~1.7e-3 with round-to-nearest on a GPU). fp16 inputs cannot use the pair (a state
 above 65504 would overflow), so they are upcast and multiplied in TF32, exact for fp16 values.
 
-Compiled for sm_90a (``tests/test_triton_aot.py`` does this on a CPU), the bf16 output pass at
-D=128 with 8 warps and 32-wide value tiles uses 255 registers and spills ~300 B/thread; 64-wide
-tiles spilled ~700 B, and 64-bit per-element addresses (before block pointers) ~1.2 KB. Tuning
-the rest needs a GPU to tell which fix is faster.
+Compiled for sm_90a with M1's alignments (``tests/test_triton_aot.py`` does this on a CPU), the
+bf16 output pass at D=128 with 8 warps and 32-wide value tiles uses 255 registers, spills
+8 B/thread and 108 KiB of shared memory; 64-wide tiles spill 48 B (4 warps: 420 B), and 64-bit
+per-element addresses (before block pointers) spilled ~1 KB. Which of these is fastest is for a
+GPU run to say.
 """
 from __future__ import annotations
 
@@ -267,8 +268,8 @@ def build_segments(bos: torch.Tensor, eos: torch.Tensor, rows: torch.Tensor, tot
 
 
 def _value_tile(dv: int) -> int:
-    # At D = 128 a 64-wide value tile spilled ~700 B/thread when compiled for sm_90a (ptxas -v);
-    # 32 wide spills ~300 B and doubles the programs available to fill the GPU, at the cost of
+    # At D = 128 a 32-wide value tile compiles for sm_90a with 8 B/thread of spills against 48 B
+    # for 64 wide (ptxas -v) and doubles the programs available to fill the GPU, at the cost of
     # recomputing Q K^T for each of the 4 value tiles.
     return max(16, min(32 if dv > 64 else 64, triton.next_power_of_2(dv)))
 
