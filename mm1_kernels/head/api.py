@@ -1,0 +1,335 @@
+"""Public FP32-head ops: validation, backend dispatch, custom-op registration, autograd.
+
+Why this exists (M1_REFERENCE §6): bf16 logits made MiniMax-M1's training and rollout token
+probabilities diverge; the head must produce fp32 logits. bf16 × bf16 products are exact in
+fp32, so the whole fix is "accumulate and keep logits in fp32" — and because fp32 logits for
+8k tokens × 200,064 vocabulary are 6.6 GB, they are never stored: every op here works on
+tiles/blocks and keeps O(T + V) state.
+
+``head_logprobs`` is ``torch.ops.mm1.head_logprobs`` with a fake implementation and a
+backward registered through ``torch.library.register_autograd`` (itself the custom op
+``torch.ops.mm1.head_logprobs_backward``), so training code compiles with
+``torch.compile(fullgraph=True)``. The backend is a string argument resolved before the call.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, can_check_device_values, check_same_dtype, check_tensor
+from .._dispatch import resolve_backend
+from .._nvtx import annotate
+from . import reference
+from .reference import IGNORE_INDEX
+
+HEAD_BACKENDS = ("torch", "triton")
+CISPO_BACKENDS = ("torch",)
+DEFAULT_EPS_HIGH = 0.2
+
+
+class HeadOutput(NamedTuple):
+    """Per-token fp32 results of :func:`head_logprobs`, each shaped like ``targets``."""
+    logprobs: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _forward_impl(hidden, weight, targets, temperature, backend):
+    if hidden.shape[0] == 0:
+        return tuple(hidden.new_empty(0, dtype=torch.float32) for _ in range(3))
+    if backend == "triton":
+        from .triton_head import head_forward_triton
+        return head_forward_triton(hidden, weight, targets, temperature)
+    return reference.head_forward_torch(hidden, weight, targets, temperature)
+
+
+@torch.library.custom_op("mm1::head_logprobs", mutates_args=())
+def _head_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      temperature: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(hidden, weight, targets, temperature, backend)
+
+
+@_head_logprobs_op.register_fake
+def _(hidden, weight, targets, temperature, backend):
+    T = hidden.shape[0]
+    return tuple(hidden.new_empty(T, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("mm1::head_logprobs_backward", mutates_args=())
+def _head_logprobs_backward_op(g_lp: torch.Tensor, g_lse: torch.Tensor, g_ent: torch.Tensor,
+                               hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+                               backend: str, need_dweight: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight); dweight is an empty [0] tensor when not needed (frozen head)."""
+    if hidden.shape[0] == 0:
+        return torch.zeros_like(hidden), (torch.zeros_like(weight) if need_dweight
+                                          else weight.new_empty(0))
+    # An ignored row's logprob is the constant 0: its upstream gradient goes nowhere.
+    g_lp = torch.where(targets != IGNORE_INDEX, g_lp, torch.zeros_like(g_lp))
+    if backend == "triton":
+        from .triton_head import head_backward_triton
+        return head_backward_triton(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
+                                    temperature, need_dweight=need_dweight)
+    return reference.head_backward_torch(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
+                                         temperature, need_dweight=need_dweight)
+
+
+@_head_logprobs_backward_op.register_fake
+def _(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy, temperature, backend, need_dweight):
+    return torch.empty_like(hidden), (torch.empty_like(weight) if need_dweight else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, temperature, backend = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+    ctx.temperature = temperature
+    ctx.backend = backend
+
+
+def _backward(ctx, g_lp, g_lse, g_ent):
+    hidden, weight, targets, lse, entropy = ctx.saved_tensors
+    zeros = lambda g: torch.zeros_like(lse) if g is None else g.float().contiguous()
+    dh, dw = torch.ops.mm1.head_logprobs_backward(zeros(g_lp), zeros(g_lse), zeros(g_ent), hidden,
+                                                  weight, targets, lse, entropy, ctx.temperature,
+                                                  ctx.backend, bool(ctx.needs_input_grad[1]))
+    return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+            None, None, None)
+
+
+torch.library.register_autograd("mm1::head_logprobs", _backward, setup_context=_setup_context)
+
+
+def _check_head_inputs(hidden, weight):
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(1, 2, 3, 4), last_dim_contiguous=True)
+    device = hidden.device
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(None, hidden.shape[-1]), device=device,
+                 contiguous=True)
+    check_same_dtype(hidden=hidden, weight=weight)
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    return device
+
+
+def _check_temperature(temperature, allow_zero=False):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (temperature > 0 or (allow_zero and temperature == 0)) or temperature != temperature \
+            or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and > 0{' (or 0 for greedy)' if allow_zero else ''}, "
+                         f"got {temperature}")
+    return float(temperature)
+
+
+@annotate("mm1.head_logprobs")
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  temperature: float = 1.0, backend: Optional[str] = None) -> HeadOutput:
+    """FP32 LM head: per-token logprob of ``targets``, logsumexp and entropy, without ``[T, V]``.
+
+    Args:
+        hidden: ``[T, K]`` (or ``[..., K]``) final hidden states, bf16/fp16/fp32, unit stride in
+            the last dimension.
+        weight: ``[V, K]`` contiguous LM-head weight, same dtype as hidden.
+        targets: ``[T]`` (or ``[...]`` matching hidden's leading dims) int32/int64 token ids in
+            ``[0, V)``; ``-100`` marks an ignored row.
+        temperature: logits are divided by it before anything else; ``lse`` and ``entropy`` are
+            those of the tempered distribution softmax(logits / temperature).
+        backend: ``"torch"``, ``"triton"`` or None (automatic; see ``mm1_kernels._dispatch``).
+
+    Returns:
+        :class:`HeadOutput` ``(logprobs, lse, entropy)``, fp32, shaped like ``targets``.
+        Ignored rows: ``logprobs`` is 0 and carries no gradient; ``lse`` and ``entropy`` are
+        still reported and differentiable.
+
+    Precision: logits are fp32 and never rounded below it. bf16/fp16 inputs: exact products
+    (bf16 × bf16 fits in fp32), fp32 accumulation — on a GPU, tensor cores with fp32 output.
+    fp32 inputs: full-fp32 (IEEE) products and accumulation, no TF32: TF32 keeps 10 mantissa
+    bits, a ~5e-4 relative logit error, i.e. up to ~0.05 in a logprob at logits of ~100, which
+    defeats the purpose; the price is that the Triton kernel runs on CUDA cores, not tensor
+    cores, for fp32 inputs (bf16 weights are the production case).
+
+    Determinism (triton backend): fixed tiles, vocabulary splits that depend only on V, merged
+    in a fixed order with no atomics, so results are bitwise reproducible and a token's result
+    does not depend on the rest of the batch. The torch backend is deterministic but relies on
+    the BLAS for batch invariance.
+
+    Differentiable w.r.t. hidden and weight (upstream gradients of all three outputs); the
+    backward recomputes logits block by block (see ``reference.head_backward_blocks``) and
+    accumulates both gradients in fp32, deterministically, returning them in the input dtype.
+    """
+    device = _check_head_inputs(hidden, weight)
+    lead = hidden.shape[:-1]
+    check_tensor("targets", targets, dtypes=INDEX_DTYPES, shape=tuple(lead), device=device)
+    temperature = _check_temperature(temperature)
+    V, K = weight.shape
+    h2 = hidden.reshape(-1, K)
+    t1 = targets.reshape(-1).contiguous()
+    if can_check_device_values(t1) and t1.numel():
+        bad = (t1 != IGNORE_INDEX) & ((t1 < 0) | (t1 >= V))
+        if bool(bad.any()):
+            raise ValueError(f"targets must be in [0, {V}) or {IGNORE_INDEX}; got "
+                             f"{t1[bad][:8].tolist()}")
+    chosen = resolve_backend("head_logprobs", backend, device, HEAD_BACKENDS)
+    lp, lse, ent = torch.ops.mm1.head_logprobs(h2, weight, t1, temperature, chosen)
+    return HeadOutput(lp.reshape(lead), lse.reshape(lead), ent.reshape(lead))
+
+
+def _sample_rows(z: torch.Tensor, top_p: float, top_k: int, generator) -> torch.Tensor:
+    """Sample one token per row of tempered fp32 logits ``z [rows, V]`` after top-k / top-p."""
+    V = z.shape[-1]
+    neg_inf = torch.tensor(float("-inf"), device=z.device)
+    if 0 < top_k < V:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]
+        z = torch.where(z < kth, neg_inf, z)
+    if top_p < 1.0:
+        sorted_z, order = z.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_z = torch.where(drop, neg_inf, sorted_z)
+        z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
+    probs = torch.softmax(z, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@annotate("mm1.head_sample")
+@torch.no_grad()
+def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0,
+                top_p: float = 1.0, top_k: int = 0, generator: Optional[torch.Generator] = None,
+                backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sample next tokens from the fp32 head distribution (the rollout side).
+
+    Args:
+        hidden: ``[B, K]`` (or ``[..., K]``) hidden states of the positions to sample.
+        weight: ``[V, K]``, same dtype as hidden.
+        temperature: > 0 samples from softmax(logits / temperature); 0 is greedy (argmax), and
+            the returned logprobs are then those of the untempered distribution.
+        top_p: nucleus mass in (0, 1]; 1 disables it. top_k: 0 disables it.
+        generator: a ``torch.Generator`` on hidden's device; same generator state, same inputs
+            → same tokens.
+        backend: as in :func:`head_logprobs`; it computes the returned logprobs.
+
+    Returns:
+        ``(tokens int64, logprobs fp32)`` shaped like ``hidden.shape[:-1]``. ``logprobs`` is
+        the log probability of each token under the full tempered distribution (before top-k /
+        top-p truncation), which is what the training side computes with
+        :func:`head_logprobs` — and it is computed *by* ``head_logprobs`` with the same
+        backend, so the two are bitwise equal (the triton backend is batch invariant, so this
+        holds for any batch composition on the training side too).
+
+    Memory: unlike head_logprobs, sampling with top-p needs a sort over the vocabulary, so this
+    materializes fp32 logits for blocks of rows (at most ``2^26`` elements, 256 MiB, per block;
+    a decode batch of 64 rows × 200,064 is 51 MB). With the triton backend those logits come
+    from the same kernel as head_logprobs (``STORE_LOGITS``), so the distribution sampled from
+    is the one whose logprobs are returned; the torch backend samples from its fp64-rounded
+    logits. The logprobs are a second, fused pass over the weight: for a memory-bound decode
+    step that roughly doubles the head's time (the price of bitwise equality; fusing the
+    lookup into the sampling pass would give ~1e-7 agreement instead).
+    """
+    device = _check_head_inputs(hidden, weight)
+    t = _check_temperature(temperature, allow_zero=True)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    lead = hidden.shape[:-1]
+    V, K = weight.shape
+    h2 = hidden.reshape(-1, K)
+    rows = h2.shape[0]
+    tokens = torch.empty(rows, dtype=torch.int64, device=device)
+    chosen = resolve_backend("head_sample", backend, device, HEAD_BACKENDS)
+    if chosen == "triton":
+        from .triton_head import head_logits_triton as logits_fn
+    else:
+        logits_fn = reference.tempered_logits_fp32
+    step = max(1, reference.TORCH_BLOCK_ELEMENTS // V)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        z = logits_fn(h2[r0:r1], weight, t if t > 0 else 1.0)
+        tokens[r0:r1] = z.argmax(-1) if t == 0 else _sample_rows(z, float(top_p), top_k, generator)
+    lp = head_logprobs(h2, weight, tokens, temperature=t if t > 0 else 1.0, backend=chosen).logprobs
+    return tokens.reshape(lead), lp.reshape(lead)
+
+
+def _check_cispo_args(eps_low, eps_high):
+    for name, eps in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if eps is None:
+            continue
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"{name} must be a float >= 0 or None, got {eps!r}")
+
+
+@annotate("mm1.cispo_loss")
+def cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               mask: torch.Tensor, eps_low: Optional[float] = None,
+               eps_high: Optional[float] = DEFAULT_EPS_HIGH, backend: Optional[str] = None) -> torch.Tensor:
+    """CISPO objective (M1_REFERENCE §6) as a loss to minimize: ``-J``, a scalar.
+
+    ``r = exp(logprobs - old_logprobs)``, ``r_hat = clip(r, 1 - eps_low, 1 + eps_high)`` with a
+    stop-gradient, ``loss = -Σ mask · r_hat · A · logprobs / Σ mask``: token-level
+    normalization over all valid tokens of the batch (the paper's 1 / Σ_i |o_i|), and every
+    valid token keeps its gradient ``-r_hat · A / Σ mask`` (nothing is dropped, unlike PPO).
+
+    Args:
+        logprobs: new-policy logprobs, any shape (e.g. ``[T]`` or ``[B, L]``), fp32 recommended.
+        old_logprobs: rollout logprobs, same shape (no gradient).
+        advantages: same shape, or broadcastable to it (e.g. ``[B, 1]`` per response).
+        mask: bool (or 0/1) same shape; False = padding / prompt token, excluded everywhere.
+        eps_low: the lower clip is ``1 - eps_low``; None (the paper's choice) = no lower bound.
+        eps_high: the upper clip is ``1 + eps_high`` (a relative bound, not TRL's absolute
+            cap); None = no upper bound. The paper tunes it and publishes no value; the
+            default 0.2 is PPO's customary one — pass it explicitly.
+        backend: only ``"torch"``: a few elementwise ops that torch.compile fuses; the
+            kernel path is :func:`head_cispo_loss`, which fuses the head.
+
+    Returns a 0-dim tensor in logprobs' dtype; 0 when no token is valid.
+    """
+    check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES)
+    device = logprobs.device
+    check_tensor("old_logprobs", old_logprobs, dtypes=FLOAT_DTYPES, shape=tuple(logprobs.shape),
+                 device=device)
+    check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, device=device)
+    try:
+        torch.broadcast_shapes(advantages.shape, logprobs.shape)
+    except RuntimeError:
+        raise ValueError(f"advantages of shape {list(advantages.shape)} does not broadcast to "
+                         f"logprobs' {list(logprobs.shape)}") from None
+    check_tensor("mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES + INDEX_DTYPES,
+                 shape=tuple(logprobs.shape), device=device)
+    _check_cispo_args(eps_low, eps_high)
+    resolve_backend("cispo_loss", backend, device, CISPO_BACKENDS)
+    return reference.cispo_reference(logprobs, old_logprobs.to(logprobs.dtype),
+                                     advantages.to(logprobs.dtype), mask, eps_low, eps_high)
+
+
+@annotate("mm1.head_cispo_loss")
+def head_cispo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None, eps_low: Optional[float] = None,
+                    eps_high: Optional[float] = DEFAULT_EPS_HIGH, temperature: float = 1.0,
+                    backend: Optional[str] = None, return_head: bool = False):
+    """From hidden states to the CISPO loss and its gradients, with no ``[T, V]`` tensor.
+
+    ``loss = cispo_loss(head_logprobs(hidden, weight, targets, temperature).logprobs, ...)``:
+    the head's forward keeps only per-token statistics, and its backward receives
+    ``d loss / d logprob = -mask · r_hat · A / Σ mask`` and recomputes the logits block by block
+    to form the gradients w.r.t. hidden and weight (fp32 accumulation, deterministic).
+
+    Args: hidden ``[T, K]``, weight ``[V, K]``, targets ``[T]`` (-100 = ignored; such rows are
+    also excluded from the loss), old_logprobs ``[T]``, advantages ``[T]`` (or broadcastable),
+    mask ``[T]`` bool or None (= all non-ignored tokens); the rest as in :func:`cispo_loss`
+    and :func:`head_logprobs`. ``return_head=True`` returns ``(loss, HeadOutput)`` so the
+    caller can log entropy and logprobs without a second pass.
+    """
+    out = head_logprobs(hidden, weight, targets, temperature=temperature, backend=backend)
+    valid = targets != IGNORE_INDEX
+    if mask is not None:
+        check_tensor("mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES + INDEX_DTYPES,
+                     shape=tuple(targets.shape), device=targets.device)
+        valid = valid & (mask if mask.dtype == torch.bool else mask != 0)
+    loss = cispo_loss(out.logprobs, old_logprobs, advantages, valid, eps_low=eps_low,
+                      eps_high=eps_high)
+    return (loss, out) if return_head else loss

@@ -1,0 +1,184 @@
+"""Public MoE ops: validation, backend dispatch, custom-op registration.
+
+``moe_route`` and ``fused_moe`` are registered as ``torch.ops.mm1.*`` custom ops with fake
+implementations, so code calling them compiles with ``torch.compile(fullgraph=True)``; the
+backend is a plain string argument of the op, resolved before the call.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, _ValueCheckMemo, can_check_device_values,
+                       check_tensor)
+from .._dispatch import resolve_backend
+from .._nvtx import annotate
+from . import reference
+
+ROUTE_BACKENDS = ("torch", "triton")
+FUSED_MOE_BACKENDS = ("torch", "triton")
+# The routing kernel keeps a token's whole row of logits in registers.
+MAX_EXPERTS = 1024
+_topk_ids_memo = _ValueCheckMemo()
+
+
+@torch.library.custom_op("mm1::moe_route", mutates_args=())
+def _moe_route_op(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from .triton_route import moe_route_triton
+        return moe_route_triton(router_logits, top_k, renormalize)
+    w, ids = reference.moe_route_reference(router_logits, top_k, renormalize, torch.float32)
+    return w.contiguous(), ids.to(torch.int32).contiguous()
+
+
+@_moe_route_op.register_fake
+def _(router_logits, top_k, renormalize, backend):
+    T = router_logits.shape[0]
+    return (router_logits.new_empty(T, top_k, dtype=torch.float32),
+            router_logits.new_empty(T, top_k, dtype=torch.int32))
+
+
+@torch.library.custom_op("mm1::fused_moe", mutates_args=())
+def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor],
+                  w2_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    if backend == "triton":
+        from .triton_fused_moe import fused_moe_triton
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    return reference.fused_moe_reference(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+                                         compute_dtype=torch.float32).to(x.dtype)
+
+
+@_fused_moe_op.register_fake
+def _(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend):
+    return torch.empty_like(x)
+
+
+@annotate("mm1.moe_route")
+def moe_route(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = True,
+              backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router: softmax over experts → top-k → (optionally) renormalize, in one kernel.
+
+    Args:
+        router_logits: ``[T, E]`` fp32 (bf16/fp16 are upcast first; the softmax is fp32).
+        top_k: experts per token, ``1 <= top_k <= E`` (M1: 2).
+        renormalize: divide the k probabilities by their sum (M1: True).
+        backend: ``"torch"``, ``"triton"`` or None (automatic; see ``_dispatch``).
+
+    Returns:
+        ``(topk_weights, topk_ids)``: fp32 ``[T, k]`` and int32 ``[T, k]``, in decreasing
+        probability; among equal probabilities the lower expert index comes first. Deterministic.
+    """
+    check_tensor("router_logits", router_logits, dtypes=FLOAT_DTYPES, ndim=2)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    E = router_logits.shape[1]
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"router_logits must have between 1 and {MAX_EXPERTS} experts, got {E}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
+    chosen = resolve_backend("moe_route", backend, router_logits.device, ROUTE_BACKENDS)
+    return torch.ops.mm1.moe_route(router_logits, top_k, renormalize, chosen)
+
+
+def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
+    device = x.device
+    T, hidden = x.shape
+    # Expert weights are in x's dtype, or int8 weight-only with scales.
+    check_tensor("w13", w13, dtypes=(x.dtype, torch.int8), ndim=3, device=device, contiguous=True)
+    quantized = w13.dtype == torch.int8
+    E, two_i, w_hidden = w13.shape
+    if w_hidden != hidden:
+        raise ValueError(f"w13 [E, 2I, hidden] has hidden {w_hidden} but x has hidden {hidden}")
+    if two_i == 0 or two_i % 2:
+        raise ValueError(f"w13 must stack gate and up rows: its dimension 1 (2I) must be even "
+                         f"and positive, got {two_i}")
+    inter = two_i // 2
+    check_tensor("w2", w2, ndim=3, device=device, contiguous=True)
+    if w2.dtype != w13.dtype:
+        raise TypeError(f"w2 and w13 must share one dtype, got w2={w2.dtype}, w13={w13.dtype}")
+    if w2.shape[0] != E:
+        raise ValueError(f"w13 has {E} experts but w2 has {w2.shape[0]}")
+    check_tensor("w2", w2, shape=(E, hidden, inter))
+    if quantized:
+        if w13_scale is None or w2_scale is None:
+            raise ValueError("int8 expert weights need w13_scale [E, 2I] and w2_scale [E, hidden] "
+                             "(see quantize_moe_weights)")
+        check_tensor("w13_scale", w13_scale, dtypes=(torch.float32,), shape=(E, two_i),
+                     device=device, contiguous=True)
+        check_tensor("w2_scale", w2_scale, dtypes=(torch.float32,), shape=(E, hidden),
+                     device=device, contiguous=True)
+    elif w13_scale is not None or w2_scale is not None:
+        raise ValueError(f"w13_scale / w2_scale are only for int8 expert weights; the weights are "
+                         f"{w13.dtype}")
+    check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, ndim=2, device=device)
+    k = topk_ids.shape[1]
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {T} tokens")
+    if not 1 <= k <= E:
+        raise ValueError(f"topk_ids picks {k} experts per token; must be in [1, E={E}]")
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(T, k), device=device)
+    if not isinstance(check_ids, bool):
+        raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
+    if (check_ids and topk_ids.numel() and can_check_device_values(topk_ids)
+            and not _topk_ids_memo.hit(topk_ids, E)):
+        lo, hi = torch.aminmax(topk_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= E:
+            raise ValueError(f"topk_ids must be in [0, {E}) (the number of experts); got values "
+                             f"from {lo} to {hi}")
+        _topk_ids_memo.remember(topk_ids, E)
+
+
+@annotate("mm1.fused_moe")
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
+              w2_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+              check_ids: bool = True) -> torch.Tensor:
+    """The experts of an M1 MoE block and the weighted top-k sum.
+
+    ``y[t] = Σ_j topk_weights[t, j] · W2[e] (silu(W1[e] x[t]) * W3[e] x[t])``, ``e = topk_ids[t, j]``.
+
+    Args:
+        x: ``[T, hidden]`` bf16, fp16 or fp32, unit stride in the last dimension.
+        w13: ``[E, 2I, hidden]`` contiguous: gate (W1) rows ``[0, I)`` then up (W3) rows
+            ``[I, 2I)``; x's dtype, or int8 with ``w13_scale``.
+        w2: ``[E, hidden, I]`` contiguous, same dtype as w13.
+        topk_weights: ``[T, k]`` float (fp32 from :func:`moe_route`).
+        topk_ids: ``[T, k]`` int32/int64 in ``[0, E)``.
+        w13_scale, w2_scale: fp32 ``[E, 2I]`` and ``[E, hidden]`` per-output-channel scales of int8
+            weights (:func:`quantize_moe_weights`); ``w ≈ w_q * scale[..., None]``.
+        backend: ``"torch"``, ``"triton"`` or None (automatic; see ``_dispatch``).
+        check_ids: verify on the host that every id is in ``[0, E)``. On a GPU that read is a
+            host synchronization per call (80 per forward in M1, one per layer); callers whose
+            ids come straight from :func:`moe_route` pass False.
+
+    Returns ``y [T, hidden]`` in x's dtype. Accumulation is fp32; deterministic (no atomics).
+
+    The id range check is also skipped during CUDA graph capture and torch.compile; the Triton
+    kernels then give NaN rows for tokens with an out-of-range id (never an out-of-bounds
+    access). The same ids tensor, unmodified, is checked once (as lightning's slot ids are).
+    """
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids)
+    chosen = resolve_backend("fused_moe", backend, x.device, FUSED_MOE_BACKENDS)
+    return torch.ops.mm1.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, chosen)
+
+
+def quantize_moe_weights(w13: torch.Tensor, w2: torch.Tensor):
+    """int8 weight-only experts with fp32 per-output-channel scales (symmetric, round to nearest).
+
+    Args: w13 ``[E, 2I, hidden]`` and w2 ``[E, hidden, I]`` float.
+
+    Returns ``(w13_q, w13_scale, w2_q, w2_scale)``: int8 ``[E, 2I, hidden]``, fp32 ``[E, 2I]``,
+    int8 ``[E, hidden, I]``, fp32 ``[E, hidden]``; ``w ≈ w_q * scale[..., None]``.
+    """
+    check_tensor("w13", w13, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=3)
+    E, two_i, hidden = w13.shape
+    check_tensor("w2", w2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(E, hidden, two_i // 2),
+                 device=w13.device)
+    return reference.quantize_moe_weights_reference(w13, w2)

@@ -1,0 +1,49 @@
+"""The serving cache: fp32 lightning states in slots, and a KV cache for the softmax layers.
+
+A slot holds one sequence. Lightning layers keep one fp32 state ``[H, D, D]`` per slot (its
+size does not grow with the context); softmax layers keep keys and values for every position
+up to ``max_len``. ``lengths[s]`` is how many tokens slot s has seen; it lives on the host,
+because the model needs it to size attention and to place new tokens without reading the GPU.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from .config import MiniMaxM1Config
+
+
+class MiniMaxM1Cache:
+    def __init__(self, config: MiniMaxM1Config, num_slots: int, max_len: int,
+                 device="cpu", dtype: torch.dtype = torch.bfloat16):
+        ids = config.layer_ids
+        lightning = [i for i in ids if config.is_lightning(i)]
+        softmax = [i for i in ids if not config.is_lightning(i)]
+        H, D, KVH = config.num_attention_heads, config.head_dim, config.num_key_value_heads
+        self.num_slots, self.max_len = num_slots, max_len
+        self._lightning_index = {l: n for n, l in enumerate(lightning)}
+        self._softmax_index = {l: n for n, l in enumerate(softmax)}
+        # One tensor per kind; a layer's slice [S, ...] is contiguous, as the kernels require.
+        self.lightning_states = torch.zeros(len(lightning), num_slots, H, D, D,
+                                            dtype=torch.float32, device=device)
+        self.keys = torch.zeros(len(softmax), num_slots, max_len, KVH, D, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.lengths: List[int] = [0] * num_slots
+
+    def state(self, layer_idx: int) -> torch.Tensor:
+        """fp32 ``[S, H, D, D]`` lightning states of GLOBAL layer ``layer_idx``."""
+        return self.lightning_states[self._lightning_index[layer_idx]]
+
+    def kv(self, layer_idx: int):
+        """``(keys, values)``, each ``[S, max_len, KVH, D]``, of softmax layer ``layer_idx``."""
+        n = self._softmax_index[layer_idx]
+        return self.keys[n], self.values[n]
+
+    def reset(self, slots: Sequence[int]) -> None:
+        """Free slots: their next prefill starts a new sequence from a zero state."""
+        for s in slots:
+            self.lengths[s] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lightning_states, self.keys, self.values))

@@ -1,0 +1,85 @@
+"""generate(): varlen prefill, then one decode step per new token, through the FP32 head.
+
+Every token comes from ``mk.head_sample``: greedy when ``temperature == 0``, otherwise sampled with
+temperature / top-p / top-k (M1's recommended sampling: temperature 1.0, top_p 0.95).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import mm1_kernels as mk
+
+from .modeling import op_backend
+
+M1_TEMPERATURE, M1_TOP_P = 1.0, 0.95
+
+
+def select_next(model, hidden: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                generator: Optional[torch.Generator]):
+    """Next token and its logprob for each row of ``hidden [N, hidden]`` (after the final norm)."""
+    tokens, logprobs = mk.head_sample(hidden, model.lm_head.weight, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, generator=generator,
+                                      backend=op_backend("head", model.backend))
+    return tokens.long(), logprobs
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, stop_tokens: Optional[Sequence[int]] = None,
+             callback: Optional[Callable[[int, torch.Tensor], object]] = None,
+             generator: Optional[torch.Generator] = None, pad_token_id: Optional[int] = None,
+             return_logprobs: bool = False):
+    """Generate up to ``max_new_tokens`` tokens for each prompt.
+
+    Args:
+        input_ids: LongTensor ``[B, T]`` (equal lengths) or a list of 1-D prompts (any lengths).
+        stop_tokens: a sequence stops after emitting one of these (it is kept in the output).
+        callback: called as ``callback(step, tokens)`` after each new token; ``tokens [B]`` are
+            the new tokens (``pad_token_id`` for finished rows). Returning False stops generation.
+        pad_token_id: fills finished rows (default: the first stop token, else 0).
+
+    Returns the prompts followed by their new tokens: a LongTensor ``[B, T + n]`` for tensor
+    input, a list of 1-D tensors (without padding) for list input; with ``return_logprobs``
+    also the fp32 logprobs of the new tokens ``[B, n]``.
+    """
+    as_tensor = isinstance(input_ids, torch.Tensor)
+    prompts = list(input_ids) if as_tensor else [torch.as_tensor(p, dtype=torch.long).reshape(-1)
+                                                 for p in input_ids]
+    B = len(prompts)
+    stops = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=model.device)
+    pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.numel() else 0)
+    max_len = max(int(p.numel()) for p in prompts) + max_new_tokens
+    cache = model.new_cache(B, max_len)
+    out_tokens, out_lp = [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
+    if max_new_tokens > 0:
+        hidden = model.prefill(prompts, cache).hidden_states
+        for step in range(max_new_tokens):
+            tok, lp = select_next(model, hidden, temperature, top_p, top_k, generator)
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            out_tokens.append(tok)
+            out_lp.append(torch.where(finished, torch.zeros_like(lp), lp))
+            if stops.numel():
+                finished |= torch.isin(tok, stops)
+            if callback is not None and callback(step, tok) is False:
+                break
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            # Finished rows keep decoding (their outputs are discarded): no ragged batch, no sync.
+            hidden = model.decode(tok, cache, return_logits=False).hidden_states
+    new = (torch.stack(out_tokens, 1) if out_tokens
+           else torch.empty(B, 0, dtype=torch.long, device=model.device))
+    lps = torch.stack(out_lp, 1) if out_lp else torch.empty(B, 0, device=model.device)
+    if as_tensor:
+        result = torch.cat([input_ids.to(new.device), new], 1)
+    else:
+        result = []
+        for b, p in enumerate(prompts):
+            row = new[b].tolist()
+            if stops.numel():
+                hits = [i for i, t in enumerate(row) if t in set(stops.tolist())]
+                row = row[:hits[0] + 1] if hits else row
+            result.append(torch.cat([p.to(new.device), torch.tensor(row, dtype=torch.long, device=new.device)]))
+    return (result, lps) if return_logprobs else result

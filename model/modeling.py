@@ -1,0 +1,541 @@
+"""MiniMax-M1 in PyTorch, exactly as M1_REFERENCE §2-§6, with every hot op from mm1_kernels.
+
+Three ways through the same layers:
+- ``forward(input_ids)``: a batch of equal-length sequences, no cache (training-style);
+- ``prefill(prompts, cache)``: prompts of different lengths packed into one row (varlen
+  ``cu_seqlens``), lightning states and softmax keys/values written to cache slots;
+- ``decode(tokens, cache)``: one token per slot, ``lightning_decode`` on the slot states.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mm1_kernels as mk
+from mm1_kernels._nvtx import nvtx_range
+
+from .cache import MiniMaxM1Cache
+from .config import MiniMaxM1Config
+
+HEAD_VOCAB_CHUNK = 32768  # rows of lm_head upcast to fp32 at a time in the full-logits path
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """M1's RMSNorm: normalize in fp32, round to x's dtype, then scale."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The FP32 head for every row: ``hidden @ weight^T`` computed and returned in fp32.
+
+    The weight is upcast a vocabulary chunk at a time, so a bf16 head never exists in fp32 whole.
+    """
+    h = hidden.float()
+    if weight.dtype == torch.float32:
+        return F.linear(h, weight)
+    return torch.cat([F.linear(h, weight[i:i + HEAD_VOCAB_CHUNK].float())
+                      for i in range(0, weight.shape[0], HEAD_VOCAB_CHUNK)], dim=-1)
+
+
+def _implemented_backends() -> dict:
+    from mm1_kernels.head import api as head_api
+    from mm1_kernels.lightning import api as lightning_api
+    from mm1_kernels.moe import api as moe_api
+    return {"lightning_attention": lightning_api.PREFILL_BACKENDS,
+            "lightning_decode": lightning_api.DECODE_BACKENDS,
+            "moe_route": moe_api.ROUTE_BACKENDS, "fused_moe": moe_api.FUSED_MOE_BACKENDS,
+            "head": head_api.HEAD_BACKENDS}
+
+
+try:
+    IMPLEMENTED_BACKENDS = _implemented_backends()
+except (ImportError, AttributeError):  # pragma: no cover - an op package without the constant
+    IMPLEMENTED_BACKENDS = {}
+
+
+def op_backend(op: str, backend: Optional[str]) -> Optional[str]:
+    """The model's backend for one op: as asked when the op has it, else the op's automatic choice.
+
+    Like ``MM1_BACKEND``: ``backend="cuda"`` runs the CUDA kernels that exist and lets an op that
+    has none pick its fastest. A backend the op has but that cannot run still raises.
+    """
+    impl = IMPLEMENTED_BACKENDS.get(op)
+    return backend if backend is None or impl is None or backend in impl else None
+
+
+@dataclass
+class StepInfo:
+    """What the layers need to know about the tokens of one call (built once per call)."""
+    mode: str                                   # "full" | "prefill" | "decode"
+    positions: torch.Tensor                     # absolute position of each token, shaped like ids
+    backend: Optional[str] = None
+    cache: Optional[MiniMaxM1Cache] = None
+    slots: Optional[torch.Tensor] = None        # [N] int32, slot of each sequence / decode row
+    cu_seqlens: Optional[torch.Tensor] = None   # [N+1] int32 (prefill)
+    continuing: bool = False                    # prefill on top of tokens already cached
+    tok_slot: Optional[torch.Tensor] = None     # [n_tok] long: cache slot of each token
+    tok_pos: Optional[torch.Tensor] = None      # [n_tok] long: its position
+    pad_gather: Optional[torch.Tensor] = None   # [N, Tq] long: packed token index per (seq, j)
+    pad_pos: Optional[torch.Tensor] = None      # [N, Tq] long: query position per (seq, j)
+    unpad: Optional[torch.Tensor] = None        # [n_tok] long: index of each token in [N*Tq]
+    kv_len: int = 0                             # cache positions the softmax layers attend over
+
+    def backend_for(self, op: str) -> Optional[str]:
+        return op_backend(op, self.backend)
+
+
+class LightningAttention(nn.Module):
+    """qkv -> silu -> per-head [q|k|v] split -> lightning -> RMSNorm(H*D, 1e-6) * sigmoid(gate) -> out."""
+
+    def __init__(self, config: MiniMaxM1Config, layer_idx: int):
+        super().__init__()
+        H, D = config.num_attention_heads, config.head_dim
+        self.layer_idx, self.num_heads, self.head_dim = layer_idx, H, D
+        self.num_layers = config.num_hidden_layers
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * H * D, bias=False)
+        self.output_gate = nn.Linear(config.hidden_size, H * D, bias=False)
+        self.out_proj = nn.Linear(H * D, config.hidden_size, bias=False)
+        self.norm = RMSNorm(H * D, config.lightning_norm_eps)
+        self.register_buffer("slopes", torch.empty(H, dtype=torch.float32), persistent=False)
+        self.reset_buffers()
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) must not round the decay rates: they stay fp32, recomputed exactly.
+        super()._apply(fn, recurse)
+        if self.slopes.dtype != torch.float32:
+            self.slopes = torch.empty(self.num_heads, dtype=torch.float32, device=self.slopes.device)
+            self.reset_buffers()
+        return self
+
+    def reset_buffers(self):
+        if self.slopes.device.type != "meta":
+            self.slopes.copy_(mk.lightning_slopes(self.num_heads, self.layer_idx, self.num_layers))
+
+    def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D)
+        q, k, v = qkv.split(D, dim=-1)  # views; the kernels need unit stride only in the last dim
+        if step.mode == "decode":
+            o = mk.lightning_decode(q, k, v, self.slopes, step.cache.state(self.layer_idx),
+                                    step.slots, backend=step.backend_for("lightning_decode"))
+        elif step.mode == "prefill":
+            states = step.cache.state(self.layer_idx)
+            init = states[step.slots.long()] if step.continuing else None
+            o, final = mk.lightning_attention(q, k, v, self.slopes, initial_state=init,
+                                              output_final_state=True, cu_seqlens=step.cu_seqlens,
+                                              backend=step.backend_for("lightning_attention"))
+            states[step.slots.long()] = final
+        else:
+            o, _ = mk.lightning_attention(q, k, v, self.slopes, backend=step.backend_for("lightning_attention"))
+        y = self.norm(o.reshape(B, T, H * D)) * torch.sigmoid(self.output_gate(x))
+        return self.out_proj(y)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half on the first ``rotary_dim`` dims of each head; the rest pass through.
+
+    x ``[..., heads, D]``; cos, sin ``[..., rotary_dim]`` fp32 (broadcast over heads).
+    """
+    rd = cos.shape[-1]
+    xr = x[..., :rd].float()
+    x1, x2 = xr[..., :rd // 2], xr[..., rd // 2:]
+    rot = torch.cat((-x2, x1), dim=-1)
+    out = xr * cos[..., None, :] + rot * sin[..., None, :]
+    return torch.cat((out.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+class SoftmaxAttention(nn.Module):
+    """GQA causal softmax attention with partial NeoX RoPE; torch SDPA."""
+
+    def __init__(self, config: MiniMaxM1Config, layer_idx: int):
+        super().__init__()
+        H, KVH, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, H, KVH, D
+        self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
+        self.q_proj = nn.Linear(config.hidden_size, H * D, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, KVH * D, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, KVH * D, bias=False)
+        self.o_proj = nn.Linear(H * D, config.hidden_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(self.rotary_dim // 2, dtype=torch.float32),
+                             persistent=False)
+        self.reset_buffers()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # RoPE frequencies stay fp32, like the slopes
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = torch.empty(self.rotary_dim // 2, dtype=torch.float32, device=self.inv_freq.device)
+            self.reset_buffers()
+        return self
+
+    def reset_buffers(self):
+        if self.inv_freq.device.type != "meta":
+            j = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)
+            self.inv_freq.copy_(1.0 / (self.rope_theta ** (j / self.rotary_dim)))
+
+    def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, KVH, D)
+        v = self.v_proj(x).view(B, T, KVH, D)
+        angles = step.positions.float()[..., None] * self.inv_freq       # [B, T, rd/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        scale = 1.0 / math.sqrt(D)
+        if step.mode == "full":
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, scale=scale, enable_gqa=True)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+        # Cached path (prefill and decode alike): write the new keys/values into their slots,
+        # then each sequence's queries attend over its slot up to its own position.
+        keys, values = step.cache.kv(self.layer_idx)
+        keys[step.tok_slot, step.tok_pos] = k.reshape(-1, KVH, D).to(keys.dtype)
+        values[step.tok_slot, step.tok_pos] = v.reshape(-1, KVH, D).to(values.dtype)
+        slots = step.slots.long()
+        kc = keys[slots, :step.kv_len].transpose(1, 2).to(q.dtype)      # [N, KVH, L, D]
+        vc = values[slots, :step.kv_len].transpose(1, 2).to(q.dtype)
+        qp = q.reshape(-1, H, D)[step.pad_gather]                        # [N, Tq, H, D]
+        kpos = torch.arange(step.kv_len, device=x.device)
+        mask = (kpos[None, None, :] <= step.pad_pos[..., None])[:, None]  # [N, 1, Tq, L]
+        o = F.scaled_dot_product_attention(qp.transpose(1, 2), kc, vc, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        o = o.transpose(1, 2).reshape(-1, H * D)[step.unpad]             # [n_tok, H*D]
+        return self.o_proj(o.view(B, T, H * D))
+
+
+class SparseMoE(nn.Module):
+    """fp32 router logits -> mk.moe_route (softmax, top-k, renormalize) -> mk.fused_moe.
+
+    Experts are stored stacked: ``w13 [E, 2I, hidden]`` (w1 = gate rows, then w3 = up rows) and
+    ``w2 [E, hidden, I]``; optionally int8 with fp32 per-output-channel scales.
+    """
+
+    def __init__(self, config: MiniMaxM1Config):
+        super().__init__()
+        E, I, Hd = config.num_local_experts, config.intermediate_size, config.hidden_size
+        self.num_experts, self.top_k, self.intermediate_size = E, config.num_experts_per_tok, I
+        self.gate = nn.Linear(Hd, E, bias=False)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, Hd))
+        self.w2 = nn.Parameter(torch.empty(E, Hd, I))
+        self.register_buffer("w13_scale", None)
+        self.register_buffer("w2_scale", None)
+
+    def _apply(self, fn, recurse=True):
+        # The router runs in fp32 (M1 may store it in fp32): a dtype cast leaves it fp32.
+        super()._apply(fn, recurse)
+        if self.gate.weight.dtype != torch.float32:
+            self.gate.weight = nn.Parameter(self.gate.weight.float(), requires_grad=self.gate.weight.requires_grad)
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self.w13_scale is not None
+
+    def make_int8(self, device=None):
+        """Switch to int8 storage (uninitialized; filled by the loader or :meth:`quantize_`)."""
+        E, I2, Hd = self.w13.shape
+        device = device or self.w13.device
+        self.w13 = nn.Parameter(torch.empty(E, I2, Hd, dtype=torch.int8, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, Hd, I2 // 2, dtype=torch.int8, device=device),
+                               requires_grad=False)
+        self.w13_scale = torch.empty(E, I2, dtype=torch.float32, device=device)
+        self.w2_scale = torch.empty(E, Hd, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def quantize_(self):
+        if self.quantized:
+            return
+        w13_q, s13, w2_q, s2 = mk.quantize_moe_weights(self.w13.data, self.w2.data)
+        self.w13 = nn.Parameter(w13_q, requires_grad=False)
+        self.w2 = nn.Parameter(w2_q, requires_grad=False)
+        self.w13_scale, self.w2_scale = s13, s2
+
+    def dequantized(self):
+        """``(w13, w2)`` in float (the stored weights, or int8 times scales)."""
+        if not self.quantized:
+            return self.w13, self.w2
+        return (self.w13.float() * self.w13_scale[..., None], self.w2.float() * self.w2_scale[..., None])
+
+    def forward(self, y: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        shape = y.shape
+        y2 = y.reshape(-1, shape[-1])
+        logits = F.linear(y2.float(), self.gate.weight.float())          # router in fp32 (weight kept fp32)
+        topk_w, topk_ids = mk.moe_route(logits, top_k=self.top_k, renormalize=True,
+                                        backend=step.backend_for("moe_route"))
+        out = mk.fused_moe(y2, self.w13, self.w2, topk_w, topk_ids, w13_scale=self.w13_scale,
+                           w2_scale=self.w2_scale, backend=step.backend_for("fused_moe"))
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    """Postnorm: the residual is the NORMED input, scaled by alpha; the branch by beta."""
+
+    def __init__(self, config: MiniMaxM1Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_lightning = config.is_lightning(layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_lightning:
+            self.self_attn = LightningAttention(config, layer_idx)
+            self.attn_alpha = config.layernorm_linear_attention_alpha
+            self.attn_beta = config.layernorm_linear_attention_beta
+        else:
+            self.self_attn = SoftmaxAttention(config, layer_idx)
+            self.attn_alpha = config.layernorm_full_attention_alpha
+            self.attn_beta = config.layernorm_full_attention_beta
+        self.mlp_alpha, self.mlp_beta = config.layernorm_mlp_alpha, config.layernorm_mlp_beta
+        self.block_sparse_moe = SparseMoE(config)
+        self.postnorm = config.postnorm
+
+    def forward(self, h: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        kind = "lightning" if self.is_lightning else "softmax"
+        x = self.input_layernorm(h)
+        with nvtx_range(f"mm1.layer{self.layer_idx}.{kind}"):
+            a = self.self_attn(x, step)
+        h = self.attn_alpha * (x if self.postnorm else h) + self.attn_beta * a
+        y = self.post_attention_layernorm(h)
+        with nvtx_range(f"mm1.layer{self.layer_idx}.moe"):
+            m = self.block_sparse_moe(y, step)
+        return self.mlp_alpha * (y if self.postnorm else h) + self.mlp_beta * m
+
+
+class MiniMaxM1Model(nn.Module):
+    def __init__(self, config: MiniMaxM1Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in config.layer_ids)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, step)
+        return self.norm(h)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Optional[torch.Tensor]   # fp32
+    hidden_states: torch.Tensor      # after the final norm, model dtype
+
+
+class MiniMaxM1ForCausalLM(nn.Module):
+    """MiniMax-M1 (or a slice of its layers) with an FP32 head.
+
+    ``backend`` (None | "torch" | "triton" | "cuda") goes to every mm1_kernels op; an op that
+    lacks that backend uses its automatic choice (see :func:`op_backend`).
+    """
+
+    def __init__(self, config: MiniMaxM1Config, backend: Optional[str] = None):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.model = MiniMaxM1Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, layers=None,
+                        device="cuda", backend: Optional[str] = None, quantize_experts: bool = False,
+                        progress: bool = False) -> "MiniMaxM1ForCausalLM":
+        """Load M1's checkpoint format (see ``checkpoint.load_checkpoint``)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, layers=layers, device=device, backend=backend,
+                               quantize_experts=quantize_experts, progress=progress)
+
+    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30, progress: bool = False) -> None:
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_size=max_shard_size, progress=progress)
+
+    def reset_buffers(self):
+        """Recompute slopes and RoPE frequencies (after ``to_empty`` from the meta device)."""
+        for m in self.modules():
+            if isinstance(m, (LightningAttention, SoftmaxAttention)):
+                m.reset_buffers()
+        return self
+
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0):
+        """Random weights with O(1) activations (std 1/sqrt(fan_in)), for tests and demos."""
+        g = torch.Generator(device=self.device).manual_seed(seed)  # drawn where the weights live
+
+        def fill(t, std, mean=0.0):
+            if t.dim() == 3:  # one expert at a time: no fp32 copy of a whole expert stack
+                for e in range(t.shape[0]):
+                    fill(t[e], std, mean)
+                return
+            t.copy_((torch.randn(t.shape, generator=g, device=t.device) * std + mean).to(t.dtype))
+
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                fill(p, 0.1, 1.0)
+            elif name.endswith("embed_tokens.weight"):
+                fill(p, 1.0)
+            elif name == "lm_head.weight":
+                fill(p, 2.0 / math.sqrt(p.shape[-1]))
+            else:
+                fill(p, 1.0 / math.sqrt(p.shape[-1]))
+        return self
+
+    def quantize_experts_(self):
+        for m in self.modules():
+            if isinstance(m, SparseMoE):
+                m.quantize_()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, num_slots: int, max_len: int) -> MiniMaxM1Cache:
+        return MiniMaxM1Cache(self.config, num_slots, max_len, device=self.device, dtype=self.dtype)
+
+    # ---------------------------------------------------------------- head
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return fp32_logits(hidden, self.lm_head.weight)
+
+    def logprobs(self, input_ids: torch.Tensor, temperature: float = 1.0):
+        """Per-token logprobs of ``input_ids[:, 1:]`` through mk.head_logprobs (no [T, V] tensor)."""
+        hidden = self(input_ids, return_logits=False).hidden_states
+        B, T, Hd = hidden.shape
+        targets = torch.cat([input_ids[:, 1:], input_ids.new_full((B, 1), -100)], 1).reshape(-1)
+        out = mk.head_logprobs(hidden.reshape(-1, Hd), self.lm_head.weight, targets,
+                               temperature=temperature, backend=op_backend("head", self.backend))
+        return out.logprobs.view(B, T)[:, :-1]
+
+    # ---------------------------------------------------------------- forward passes
+    def forward(self, input_ids: torch.Tensor, return_logits: bool = True) -> CausalLMOutput:
+        """Equal-length batch ``[B, T]``, no cache; logits fp32 ``[B, T, V]``."""
+        B, T = input_ids.shape
+        pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        with nvtx_range("mm1.forward"):
+            hidden = self.model(input_ids, StepInfo("full", pos, backend=self.backend))
+            logits = self.logits_from_hidden(hidden) if return_logits else None
+        return CausalLMOutput(logits, hidden)
+
+    def _slots_tensor(self, slot_ids, n: int) -> List[int]:
+        slots = list(range(n)) if slot_ids is None else [int(s) for s in slot_ids]
+        if len(slots) != n or len(set(slots)) != n:
+            raise ValueError(f"need {n} distinct slot ids, got {slots}")
+        return slots
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence, cache: MiniMaxM1Cache, slot_ids=None,
+                all_logits: bool = False) -> CausalLMOutput:
+        """Varlen prefill: N prompts of different lengths in one packed pass.
+
+        A slot with cached tokens continues its sequence (chunked prefill); a slot whose length
+        is 0 starts fresh. Returns fp32 logits of each prompt's last token ``[N, V]`` (or of every
+        packed token ``[sum(len), V]`` with ``all_logits``) and the matching hidden states.
+        """
+        dev = self.device
+        seqs = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+        n = len(seqs)
+        lens = [int(s.numel()) for s in seqs]
+        if n == 0 or min(lens) == 0:
+            raise ValueError(f"prefill needs at least one non-empty prompt, got lengths {lens}")
+        slots = self._slots_tensor(slot_ids, n)
+        prev = [cache.lengths[s] for s in slots]
+        totals = [p + l for p, l in zip(prev, lens)]
+        if max(totals) > cache.max_len:
+            raise ValueError(f"prefill needs {max(totals)} positions, the cache holds {cache.max_len}")
+        fresh = [s for s, p in zip(slots, prev) if p == 0]
+        if fresh:
+            cache.lightning_states[:, fresh] = 0
+        ids = torch.cat(seqs).to(dev)[None]                                   # [1, Ttot]
+        lens_t = torch.tensor(lens, device=dev)
+        cu = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+        cu[1:] = torch.cumsum(lens_t, 0)
+        seq_of_tok = torch.repeat_interleave(torch.arange(n, device=dev), lens_t)
+        local = torch.arange(ids.shape[1], device=dev) - cu[:-1].long()[seq_of_tok]
+        prev_t = torch.tensor(prev, device=dev)
+        slots_t = torch.tensor(slots, dtype=torch.int32, device=dev)
+        tq = max(lens)
+        j = torch.arange(tq, device=dev)
+        pad_gather = torch.minimum(cu[:-1].long()[:, None] + j, cu[1:].long()[:, None] - 1)
+        pad_pos = prev_t[:, None] + torch.minimum(j[None], lens_t[:, None] - 1)
+        step = StepInfo("prefill", (prev_t[seq_of_tok] + local)[None], backend=self.backend, cache=cache,
+                        slots=slots_t, cu_seqlens=cu, continuing=any(p > 0 for p in prev),
+                        tok_slot=slots_t.long()[seq_of_tok], tok_pos=prev_t[seq_of_tok] + local,
+                        pad_gather=pad_gather, pad_pos=pad_pos, unpad=seq_of_tok * tq + local,
+                        kv_len=max(totals))
+        with nvtx_range("mm1.prefill"):
+            hidden = self.model(ids, step)[0]                                 # [Ttot, hidden]
+            if not all_logits:
+                hidden = hidden[cu[1:].long() - 1]
+            logits = self.logits_from_hidden(hidden)
+        for s, t in zip(slots, totals):
+            cache.lengths[s] = t
+        return CausalLMOutput(logits, hidden)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: MiniMaxM1Cache, slot_ids=None,
+               return_logits: bool = True) -> CausalLMOutput:
+        """One token for each of B slots; returns fp32 logits ``[B, V]``."""
+        dev = self.device
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=dev).reshape(-1)
+        B = tokens.numel()
+        slots = self._slots_tensor(slot_ids, B)
+        pos = [cache.lengths[s] for s in slots]
+        if min(pos) == 0:
+            raise ValueError("decode needs a prefilled slot (length 0 found); prefill first")
+        if max(pos) >= cache.max_len:
+            raise ValueError(f"the cache is full ({cache.max_len} positions)")
+        pos_t = torch.tensor(pos, device=dev)
+        slots_t = torch.tensor(slots, dtype=torch.int32, device=dev)
+        ar = torch.arange(B, device=dev)
+        step = StepInfo("decode", pos_t[:, None], backend=self.backend, cache=cache, slots=slots_t,
+                        tok_slot=slots_t.long(), tok_pos=pos_t, pad_gather=ar[:, None],
+                        pad_pos=pos_t[:, None], unpad=ar, kv_len=max(pos) + 1)
+        with nvtx_range("mm1.decode"):
+            hidden = self.model(tokens[:, None], step)[:, 0]
+            logits = self.logits_from_hidden(hidden) if return_logits else None
+        for s in slots:
+            cache.lengths[s] += 1
+        return CausalLMOutput(logits, hidden)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, stop_tokens=None, callback=None, generator=None, pad_token_id=None,
+                 return_logprobs: bool = False):
+        """Greedy (``temperature=0``) or sampled generation; see ``mm1_model.generation.generate``."""
+        from .generation import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, stop_tokens=stop_tokens, callback=callback, generator=generator,
+                        pad_token_id=pad_token_id, return_logprobs=return_logprobs)
+
+
+def count_parameters(config: MiniMaxM1Config):
+    """(total, active per token without embedding and head), from a model built on meta."""
+    with torch.device("meta"):
+        model = MiniMaxM1ForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    active = 0
+    for name, p in model.model.layers.named_parameters():
+        n = p.numel()
+        if name.endswith(".w13") or name.endswith(".w2"):
+            n = n * config.num_experts_per_tok // config.num_local_experts
+        active += n
+    return total, active
