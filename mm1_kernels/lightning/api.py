@@ -36,14 +36,19 @@ def _lightning_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return o, final
 
 
-@_lightning_attention_op.register_fake
-def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend):
+def prefill_fake_outputs(q, v, cu_seqlens, output_final_state):
+    """Output shapes of a prefill for fake (meta) implementations: (o, final or [0])."""
     B, T, H, D = q.shape
     n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = q.new_empty(B, T, H, v.shape[-1])
     final = (q.new_empty(n, H, D, v.shape[-1], dtype=torch.float32) if output_final_state
              else q.new_empty(0, dtype=torch.float32))
     return o, final
+
+
+@_lightning_attention_op.register_fake
+def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend):
+    return prefill_fake_outputs(q, v, cu_seqlens, output_final_state)
 
 
 @torch.library.custom_op("mm1::lightning_decode", mutates_args=("state_cache",))

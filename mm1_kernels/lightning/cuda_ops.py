@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import cuda_op_registered
+from .api import prefill_fake_outputs
 
 REGISTERED = False
 
@@ -24,12 +25,7 @@ if cuda_op_registered("lightning_prefill_cuda") and cuda_op_registered("lightnin
 
     @torch.library.register_fake("mm1::lightning_prefill_cuda")
     def _prefill_fake(q, k, v, slopes, initial_state, cu_seqlens, output_final_state):
-        B, T, H, D = q.shape
-        n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        o = q.new_empty(B, T, H, v.shape[-1])
-        final = (q.new_empty(n, H, D, v.shape[-1], dtype=torch.float32) if output_final_state
-                 else q.new_empty(0, dtype=torch.float32))
-        return o, final
+        return prefill_fake_outputs(q, v, cu_seqlens, output_final_state)
 
     @torch.library.register_fake("mm1::lightning_decode_cuda")
     def _decode_fake(q, k, v, slopes, state_cache, slot_ids):
