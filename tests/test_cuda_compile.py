@@ -27,7 +27,7 @@ CU_FILES = sorted(CSRC.rglob("*.cu"))
 # Kernels whose every byte of local memory would cost bandwidth: no stack frame allowed.
 HOT_KERNELS = ("lightning_decode_kernel", "lightning_prefill_kernel")
 ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]
-NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo", *ARCH_FLAGS]  # as setup.py
+NVCC_FLAGS = ["-std=c++20", "-O3", "--use_fast_math", "-lineinfo", *ARCH_FLAGS]  # as setup.py
 
 
 def _find_nvcc() -> str | None:
@@ -173,7 +173,7 @@ def test_torch_bindings_compile(tmp_path):
     cuda_inc = f"-I{_cuda_include_dir()}"
     cxx = os.environ.get("CXX", "c++")
     if torch.version.cuda is not None:
-        cmd = [cxx, "-std=c++17", "-O0", "-fPIC", "-c", *includes, py_inc, cuda_inc, f"-I{CSRC}",
+        cmd = [cxx, "-std=c++20", "-O0", "-fPIC", "-c", *includes, py_inc, cuda_inc, f"-I{CSRC}",
                str(src), "-o", str(tmp_path / "tb.o")]
     else:
         # A CPU torch wheel ships the c10/cuda headers but not the generated
@@ -183,7 +183,7 @@ def test_torch_bindings_compile(tmp_path):
         shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
         shim.mkdir(parents=True)
         (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
-        cmd = [cxx, "-std=c++17", "-fsyntax-only", *includes, f"-I{tmp_path / 'shim'}", py_inc, cuda_inc,
+        cmd = [cxx, "-std=c++20", "-fsyntax-only", *includes, f"-I{tmp_path / 'shim'}", py_inc, cuda_inc,
                f"-I{CSRC}", str(src)]
     proc = _run(cmd)
     assert proc.returncode == 0, f"torch_bindings.cpp failed to compile:\n{proc.stderr[-6000:]}"
