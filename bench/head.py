@@ -82,9 +82,8 @@ def impls(case: Case, device: torch.device, args) -> list[Impl]:
     backends = args.backends or ("torch", "triton", "cuda")
     kind = case.kind
     if kind == "sample":
-        # head_sample's contract has no backend argument: it runs the default for the device
-        out = [Impl("mm1 head_sample", "backend",
-                    lambda i: mk.head_sample(i["hidden"], i["weight"], temperature=1.0))]
+        out = [Impl(b, "backend", lambda i, b=b: mk.head_sample(
+            i["hidden"], i["weight"], temperature=1.0, backend=b)) for b in backends]
         if args.peers:
             out.append(Impl("torch fp32 softmax+multinomial", "peer", lambda i: torch.multinomial(
                 (i["hidden"].float() @ i["weight"].float().T).softmax(-1), 1)))

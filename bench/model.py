@@ -36,14 +36,10 @@ def _build(args, device):
     from mm1_model import MiniMaxM1ForCausalLM
 
     config = _config(args)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = MiniMaxM1ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to_empty(device=device).reset_buffers().eval()
+    with torch.device("meta"):
+        model = MiniMaxM1ForCausalLM(config)
+    # bf16 while still on meta (slopes, RoPE frequencies and the router stay fp32), then allocate
+    model = model.to(torch.bfloat16).to_empty(device=device).reset_buffers().eval()
     with torch.no_grad():  # random weights at O(1) activations, drawn on the device (27 GB on GPU)
         for p in model.parameters():
             if p.is_floating_point():
@@ -89,31 +85,36 @@ def _expected_touched(E: int, k: int, tokens: int) -> float:
     return E * (1 - (1 - k / E) ** tokens)
 
 
-def step_cost(p: dict, tokens_per_row: int, context: int) -> Cost:
+def step_cost(p: dict, tokens_per_row: int, context: int, all_logits: bool = True) -> Cost:
     """FLOPs and bytes of one forward over B rows of `tokens_per_row` new tokens.
 
     FLOPs: 2 × the active parameters per token (lightning qkv+gate+out 5·H·D·hidden; softmax
-    q,o 2·H·D·hidden + k,v 2·kvH·D·hidden; MoE top-k experts 3·hidden·I each plus the router;
-    the LM head V·hidden), plus token mixing: lightning (4·C·D + 4·D²)·H per token in prefill
-    and 5·D²·H in decode, softmax attention 4·context·D·H per token (context halved for causal
-    prefill). Bytes: every weight read once (experts: those expected to be touched), the
-    lightning state read and written per row, the KV cache read, the fp32 logits written.
+    q,o 2·H·D·hidden + k,v 2·kvH·D·hidden; MoE top-k experts 3·hidden·I each plus the router),
+    plus token mixing: lightning (4·C·D + 4·D²)·H per token in prefill and 5·D²·H in decode,
+    softmax attention 4·context·D·H per token (context halved for causal prefill), plus the
+    LM head 2·V·hidden per head row. Bytes: every weight read once (experts: those expected to
+    be touched), the lightning state read and written per row, the KV cache read, the output.
+    ``all_logits``: the head runs on every token and writes fp32 logits (``model(ids).logits``);
+    otherwise on each row's last token only, writing a token and a logprob (``generate``, which
+    samples through ``mk.head_sample`` and never forms the logits).
     """
     h, H, D, kvH, I, E, k, V = (p[n] for n in ("hidden", "H", "D", "kvH", "I", "E", "k", "V"))
     nl, ns, B = p["lightning_layers"], p["softmax_layers"], p["B"]
     tokens = B * tokens_per_row
-    dense = nl * 5 * H * D * h + ns * (2 * H * D * h + 2 * kvH * D * h) + (nl + ns) * E * h + V * h
-    active = dense + (nl + ns) * k * 3 * h * I
+    head_rows = tokens if all_logits else B
+    body = nl * 5 * H * D * h + ns * (2 * H * D * h + 2 * kvH * D * h) + (nl + ns) * E * h
+    active = body + (nl + ns) * k * 3 * h * I
     prefill = tokens_per_row > 1
     mixing = nl * ((4 * CHUNK * D + 4 * D * D) if prefill else 5 * D * D) * H \
         + ns * 4 * (context / 2 if prefill else context) * D * H
-    flops = tokens * (2 * active + mixing)
+    flops = tokens * (2 * active + mixing) + head_rows * 2 * V * h
     touched = _expected_touched(E, k, tokens)
-    weights = 2 * (dense + (nl + ns) * touched * 3 * h * I)
+    weights = 2 * (body + V * h + (nl + ns) * touched * 3 * h * I)
     state = 0 if prefill else B * nl * H * D * D * 4 * 2
     kv = 0 if prefill else B * ns * context * 2 * kvH * D * 2
-    return Cost(flops, weights + state + kv + tokens * V * 4,
-                "2×active params per token + mixing; weights (touched experts), state, KV, logits")
+    out = tokens * V * 4 if all_logits else B * (8 + 4)
+    return Cost(flops, weights + state + kv + out,
+                "2×active params per token + mixing + head; weights (touched experts), state, KV, output")
 
 
 def cost(case: Case, inputs=None) -> Cost:
@@ -122,9 +123,9 @@ def cost(case: Case, inputs=None) -> Cost:
         return Cost(0, 0, "model unavailable")
     if case.kind == "prefill":
         return step_cost(p, p["T"], p["T"])
-    # generate: the prompt's prefill plus new-1 decode steps
-    c = step_cost(p, p["T"], p["T"])
-    d = step_cost(p, 1, p["T"] + p["new"] // 2)
+    # generate: the prompt's prefill plus new-1 decode steps, each sampling one token per row
+    c = step_cost(p, p["T"], p["T"], all_logits=False)
+    d = step_cost(p, 1, p["T"] + p["new"] // 2, all_logits=False)
     return Cost(c.flops + (p["new"] - 1) * d.flops, c.bytes + (p["new"] - 1) * d.bytes, "prefill + decode steps")
 
 
@@ -162,7 +163,7 @@ def postprocess(rows: list[dict], ceilings: dict) -> list[dict]:
             continue
         p = dict(pair[1]["params"], new=new)
         ms = (pair[1 + new]["median_ms"] - pair[1]["median_ms"]) / new
-        c = step_cost(p, 1, p["T"] + new // 2)
+        c = step_cost(p, 1, p["T"] + new // 2, all_logits=False)
         row = {**pair[1], "kind": "decode", "params": {k: v for k, v in p.items() if k != "new"},
                "series": "", "flops": c.flops, "bytes": c.bytes, "floor_ms": floor_ms(c, ceilings),
                "cost_note": f"one decode step: (generate(1+{new}) − generate(1)) / {new}",
@@ -170,7 +171,9 @@ def postprocess(rows: list[dict], ceilings: dict) -> list[dict]:
         if ms > 0:
             bound, fraction = bound_and_fraction(c, ms, ceilings)
             row.update(TFLOPs=c.flops / ms / 1e9, GBps=c.bytes / ms / 1e6, bound=bound, fraction=fraction)
-        else:
+        else:  # none of generate(1)'s rates may survive into this row
+            for key in ("TFLOPs", "GBps", "bound", "fraction"):
+                row.pop(key, None)
             row.update(status="error", message="generate(1+new) was not slower than generate(1): noise")
         out.append(row)
     return out

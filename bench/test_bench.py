@@ -16,11 +16,11 @@ from bench.common import bench_device
 DEVICE = bench_device()
 CPU = DEVICE.type != "cuda"
 BACKENDS = ("torch", "triton", "cuda")
-# (op, kind, implementation name in bench/<op>.py); ops without a backend argument run their default
+# (op, kind, implementation name in bench/<op>.py)
 CASES = [(op, kind, b) for op, kind in (("lightning", "prefill"), ("lightning", "decode"),
                                         ("moe", "prefill"), ("moe", "decode"), ("head", "logprobs"),
-                                        ("head", "logprobs_fwd_bwd")) for b in BACKENDS]
-CASES += [("head", "sample", "mm1 head_sample"), ("model", "prefill", "mm1_model")]
+                                        ("head", "logprobs_fwd_bwd"), ("head", "sample")) for b in BACKENDS]
+CASES += [("model", "prefill", "mm1_model")]
 
 
 def _args(op):

@@ -151,13 +151,15 @@ class _Loader:
             return
         moe = self.model.model.layers[n].block_sparse_moe
         g = self.model.config.layer_ids[n]
-        if kind == "stacked":
+        if kind == "stacked":  # ``tensor`` is a lazy safetensors slice: read one expert at a time
             for e in range(self.E):
+                w = tensor[e]
                 if detail == "w13":
-                    self._expert(moe, g, e, "w1", tensor[e, :self.I])
-                    self._expert(moe, g, e, "w3", tensor[e, self.I:])
+                    self._expert(moe, g, e, "w1", w[:self.I])
+                    self._expert(moe, g, e, "w3", w[self.I:])
                 else:
-                    self._expert(moe, g, e, "w2", tensor[e])
+                    self._expert(moe, g, e, "w2", w)
+                del w
             return
         self._expert(moe, g, detail[0], detail[1], tensor)
 
@@ -168,9 +170,11 @@ class _Loader:
             dst = moe.w2[e] if which == "w2" else moe.w13[e, :I] if which == "w1" else moe.w13[e, I:]
             dst.copy_(w.to(device=dst.device, dtype=dst.dtype))
             return
-        # int8 on load: assemble one expert in float, quantize it, drop it.
+        # int8 on load: assemble one expert, quantize it, drop it. Parts wait in the checkpoint's
+        # dtype (transformers' stacked layout delivers every expert's w2 before any w1/w3), and
+        # become float only for the one expert being quantized.
         parts = self.staged.setdefault((g, e), {})
-        parts[which] = w.to(device=moe.w13.device, dtype=torch.float32)
+        parts[which] = w.to(device=moe.w13.device)
         if len(parts) == 3:
             del self.staged[(g, e)]
             w13 = torch.cat([parts["w1"], parts["w3"]], 0)[None]
@@ -228,10 +232,11 @@ def load_state_into(model, path: str, strict: bool = True, progress: bool = Fals
                     raise CheckpointError(f"tensor {key!r} in {file} has shape {list(shape)}, "
                                           f"expected {list(want)}")
                 try:
-                    tensor = f.get_tensor(key)
+                    # a stacked expert tensor (transformers' layout) is read expert by expert
+                    tensor = f.get_slice(key) if t[0] == "stacked" else f.get_tensor(key)
+                    loader.load(t, tensor)
                 except (SafetensorError, OSError) as exc:
                     raise CheckpointError(f"cannot read tensor {key!r} from {file}: {exc}") from exc
-                loader.load(t, tensor)
                 del tensor
     bar.close()
     if loader.missing:
@@ -318,7 +323,6 @@ def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, progress:
     # Plan shards from shapes (no data touched), then write them one at a time.
     plan: List[List[str]] = [[]]
     size, total = 0, 0
-    itemsize = {}
     for name, t in checkpoint_tensors(model):
         nbytes = t.numel() * (t.element_size() if t.dtype != torch.int8 else model.dtype.itemsize)
         if plan[-1] and size + nbytes > max_shard_size:
@@ -327,7 +331,6 @@ def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, progress:
         plan[-1].append(name)
         size += nbytes
         total += nbytes
-        itemsize[name] = nbytes
     n = len(plan)
     shard_of = {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, names in enumerate(plan) for name in names}
     bar = _progress(len(shard_of), "saving", progress)

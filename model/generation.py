@@ -55,7 +55,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     out_tokens, out_lp = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
     if max_new_tokens > 0:
-        hidden = model.prefill(prompts, cache).hidden_states
+        # The head runs in select_next (mk.head_sample): prefill's own logits would be unused.
+        hidden = model.prefill(prompts, cache, return_logits=False).hidden_states
         for step in range(max_new_tokens):
             tok, lp = select_next(model, hidden, temperature, top_p, top_k, generator)
             tok = torch.where(finished, torch.full_like(tok, pad), tok)
@@ -76,10 +77,11 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
         result = torch.cat([input_ids.to(new.device), new], 1)
     else:
         result = []
+        stop_set = set(stops.tolist())
         for b, p in enumerate(prompts):
             row = new[b].tolist()
-            if stops.numel():
-                hits = [i for i, t in enumerate(row) if t in set(stops.tolist())]
+            if stop_set:
+                hits = [i for i, t in enumerate(row) if t in stop_set]
                 row = row[:hits[0] + 1] if hits else row
             result.append(torch.cat([p.to(new.device), torch.tensor(row, dtype=torch.long, device=new.device)]))
     return (result, lps) if return_logprobs else result

@@ -239,10 +239,17 @@ class SparseMoE(nn.Module):
         self.register_buffer("w2_scale", None)
 
     def _apply(self, fn, recurse=True):
-        # The router runs in fp32 (M1 may store it in fp32): a dtype cast leaves it fp32.
+        # The router runs in fp32 (M1 may store it in fp32): a dtype cast leaves it fp32 and
+        # unrounded, so a cast's result is replaced by the original weight, only moved (a meta
+        # weight has no values to keep: to_empty's result is just widened).
+        # (_apply may swap the parameter's data in place: keep an alias of the original storage.)
+        router, requires_grad = self.gate.weight.detach(), self.gate.weight.requires_grad
         super()._apply(fn, recurse)
-        if self.gate.weight.dtype != torch.float32:
-            self.gate.weight = nn.Parameter(self.gate.weight.float(), requires_grad=self.gate.weight.requires_grad)
+        cast = self.gate.weight
+        if cast.dtype != torch.float32:
+            source = cast.detach() if router.is_meta else router
+            self.gate.weight = nn.Parameter(source.to(device=cast.device, dtype=torch.float32),
+                                            requires_grad=requires_grad)
         return self
 
     @property
@@ -447,12 +454,13 @@ class MiniMaxM1ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence, cache: MiniMaxM1Cache, slot_ids=None,
-                all_logits: bool = False) -> CausalLMOutput:
+                all_logits: bool = False, return_logits: bool = True) -> CausalLMOutput:
         """Varlen prefill: N prompts of different lengths in one packed pass.
 
         A slot with cached tokens continues its sequence (chunked prefill); a slot whose length
         is 0 starts fresh. Returns fp32 logits of each prompt's last token ``[N, V]`` (or of every
-        packed token ``[sum(len), V]`` with ``all_logits``) and the matching hidden states.
+        packed token ``[sum(len), V]`` with ``all_logits``; None without ``return_logits``) and
+        the matching hidden states.
         """
         dev = self.device
         seqs = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
@@ -489,7 +497,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
             hidden = self.model(ids, step)[0]                                 # [Ttot, hidden]
             if not all_logits:
                 hidden = hidden[cu[1:].long() - 1]
-            logits = self.logits_from_hidden(hidden)
+            logits = self.logits_from_hidden(hidden) if return_logits else None
         for s, t in zip(slots, totals):
             cache.lengths[s] = t
         return CausalLMOutput(logits, hidden)

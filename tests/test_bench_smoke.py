@@ -59,3 +59,19 @@ def test_profile_entry_points_without_a_gpu(tmp_path):
         assert "not profiling" in out.lower()
     out = _run("-m", "profiles.case", "lightning", "prefill", "--tiny")
     assert "CPU run" in out
+
+
+def test_model_generate_cost_runs_the_head_once_per_row():
+    """generate samples through mk.head_sample: the head runs on each row's last prompt token
+    (not on every prompt token) and writes no [T, V] logits; model(ids).logits does both."""
+    from bench.common import Case
+    from bench.model import cost, step_cost
+
+    d = dict(layers=8, lightning_layers=7, softmax_layers=1, hidden=64, H=4, D=16, kvH=2, I=96, E=4,
+             k=2, V=512)
+    B, T = 4, 8
+    gen = cost(Case("model", "generate", dict(B=B, T=T, new=1, **d), x="B"))
+    full = step_cost(dict(B=B, **d), T, T)
+    head_flops = 2 * d["V"] * d["hidden"]
+    assert gen.flops == full.flops - (B * T - B) * head_flops
+    assert gen.bytes == full.bytes - B * T * d["V"] * 4 + B * 12

@@ -226,6 +226,30 @@ def test_bf16_and_int8_experts(tiny):
         assert rel(q(ids).logits, ref) < 0.2
 
 
+def test_dtype_cast_keeps_the_router_unrounded(tiny):
+    """.to(bf16) keeps the router fp32 AND its values: a round trip through bf16 would move the
+    routing of near-tied tokens."""
+    m = MiniMaxM1ForCausalLM(tiny.config).float().init_random_(0)
+    want = [layer.block_sparse_moe.gate.weight.detach().clone() for layer in m.model.layers]
+    m.to(torch.bfloat16)
+    for layer, w in zip(m.model.layers, want):
+        gate = layer.block_sparse_moe.gate.weight
+        assert gate.dtype == torch.float32 and torch.equal(gate, w)
+    assert m.model.layers[0].block_sparse_moe.w13.dtype == torch.bfloat16
+
+
+def test_generate_never_forms_prefill_logits(tiny, monkeypatch):
+    """generate samples through mk.head_sample: the fp32 [N, V] logits of prefill and decode are
+    never computed."""
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(10))
+    want = tiny.generate(ids, max_new_tokens=3)
+
+    def unused(hidden):
+        raise AssertionError("generate computed full fp32 logits it does not use")
+    monkeypatch.setattr(tiny, "logits_from_hidden", unused)
+    assert torch.equal(tiny.generate(ids, max_new_tokens=3), want)
+
+
 def test_logprobs_through_fp32_head(tiny):
     ids = torch.randint(0, tiny.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():

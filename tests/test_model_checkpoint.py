@@ -72,9 +72,7 @@ def test_loads_hand_written_original_format(tiny, tmp_path, ids):
         assert torch.equal(m(ids).logits, tiny(ids).logits)
 
 
-def test_loads_transformers_renamed_keys(tiny, tmp_path, ids):
-    """transformers v5 names: mlp.gate, stacked mlp.experts.gate_up_proj / down_proj, plus the
-    derived buffers it keeps in its state dict; and its renamed config fields."""
+def _write_transformers_layout(tiny, tmp_path):
     sd = {}
     for k, v in tiny.state_dict().items():
         k = k.replace("block_sparse_moe.gate.", "mlp.gate.")
@@ -94,7 +92,14 @@ def test_loads_transformers_renamed_keys(tiny, tmp_path, ids):
           "linear_attn_alpha_factor": c.layernorm_linear_attention_alpha,
           "mlp_alpha_factor": c.layernorm_mlp_alpha, "rms_norm_eps": c.rms_norm_eps}
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    m = load(str(tmp_path))
+    return str(tmp_path)
+
+
+def test_loads_transformers_renamed_keys(tiny, tmp_path, ids):
+    """transformers v5 names: mlp.gate, stacked mlp.experts.gate_up_proj / down_proj, plus the
+    derived buffers it keeps in its state dict; and its renamed config fields."""
+    c = tiny.config
+    m = load(_write_transformers_layout(tiny, tmp_path))
     assert m.config.rotary_dim == c.head_dim  # transformers' port rotates the whole head
     m.model.layers[7].self_attn.rotary_dim = c.rotary_dim  # same weights, M1's partial rotary
     m.model.layers[7].self_attn.inv_freq = tiny.model.layers[7].self_attn.inv_freq
@@ -137,6 +142,17 @@ def test_dtype_conversion_and_int8_on_load(tiny, saved, ids):
             assert torch.equal(getattr(lq.block_sparse_moe, name), getattr(lr.block_sparse_moe, name))
     with torch.no_grad():
         assert torch.equal(q(ids).logits, ref(ids).logits)
+
+
+def test_transformers_stacked_experts_int8_on_load(tiny, tmp_path):
+    """The stacked layout is read expert by expert and quantized on load exactly like
+    quantize_experts_() (its down_proj arrives before gate_up_proj: every expert waits for it)."""
+    path = _write_transformers_layout(tiny, tmp_path)
+    q = load(path, quantize_experts=True)
+    ref = load(path).quantize_experts_()
+    for lq, lr in zip(q.model.layers, ref.model.layers):
+        for name in ("w13", "w2", "w13_scale", "w2_scale"):
+            assert torch.equal(getattr(lq.block_sparse_moe, name), getattr(lr.block_sparse_moe, name))
 
 
 # ------------------------------------------------------------------ broken checkpoints
