@@ -232,6 +232,10 @@ def test_invalid_inputs():
         mk.head_logprobs(h, w, torch.tensor([0, 1, -1, 2]))
     with pytest.raises(ValueError):
         mk.head_logprobs(h, w, t, temperature=0.0)
+    with pytest.raises(ValueError):  # 1 / temperature overflows fp32: every output would be NaN
+        mk.head_logprobs(h, w, t, temperature=1e-300)
+    with pytest.raises(ValueError):
+        mk.head_sample(h, w, temperature=float("nan"))
     with pytest.raises(ValueError):
         mk.head_logprobs(h, w, t, backend="cudnn")
     with pytest.raises(mk.BackendUnavailableError):
@@ -276,6 +280,25 @@ def test_head_cispo_loss_against_fp64(backend):
     assert (out.logprobs.double() - lp64.detach()).abs().max() <= 1e-5
     for got, ref in ((hk.grad, h64.grad), (wk.grad, w64.grad)):
         assert ((got.double() - ref).norm() / ref.norm()).item() <= 6e-3  # bf16 gradients
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_cispo_loss_masked_padding_keeps_gradients_finite(backend):
+    """Masked-out padding rows with NaN / -inf old logprobs or advantages must not turn the
+    head's hidden and weight gradients into NaN (the logprob gradient of every row reaches
+    every weight row)."""
+    T = 6
+    h, w, t = make_inputs(T, 300, 16, torch.float32, 10.0, seed=6)
+    old, adv = -torch.rand(T), torch.randn(T)
+    old[4], old[5], adv[3] = float("nan"), float("-inf"), float("nan")
+    mask = torch.tensor([True, True, True, False, False, False])
+    hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = mk.head_cispo_loss(hk, wk, t, old, adv, mask, eps_high=None, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(hk.grad).all() and torch.isfinite(wk.grad).all()
+    # The padding rows' hidden gradients come from nothing but their (zero) loss terms.
+    assert (hk.grad[3:] == 0).all() and (hk.grad[:3] != 0).any()
 
 
 def test_head_cispo_loss_compiles():

@@ -55,6 +55,21 @@ def test_cispo_float_mask_and_no_valid_tokens():
     assert zero.item() == 0.0 and (lp.grad == 0).all()
 
 
+def test_cispo_masked_non_finite_inputs_keep_gradients_finite():
+    """Padding tokens may carry -inf/NaN old logprobs or NaN advantages: masked out, they must
+    give neither a NaN loss nor a NaN gradient (0 · inf in the product's backward)."""
+    lp = (-torch.rand(6)).requires_grad_()
+    old, adv = lp.detach() - 0.1, torch.randn(6)
+    old[1], old[4], adv[2] = float("-inf"), float("nan"), float("nan")
+    mask = torch.tensor([True, False, False, True, False, True])
+    for eps_high in (0.2, None):  # None: the -inf old logprob's ratio stays inf
+        lp.grad = None
+        loss = mk.cispo_loss(lp, old, adv, mask, eps_high=eps_high)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+        assert (lp.grad[~mask] == 0).all() and (lp.grad[mask] != 0).all()
+
+
 def test_cispo_invalid_inputs():
     lp, old, adv, m = torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.ones(5, dtype=torch.bool)
     with pytest.raises(ValueError):
@@ -63,5 +78,7 @@ def test_cispo_invalid_inputs():
         mk.cispo_loss(lp, old[:4], adv, m)
     with pytest.raises(ValueError):
         mk.cispo_loss(lp, old, torch.zeros(3), m)
+    with pytest.raises(ValueError):  # broadcasts, but to [2, 5]: would count each token twice
+        mk.cispo_loss(lp, old, torch.zeros(2, 5), m)
     with pytest.raises(mk.BackendUnavailableError):
         mk.cispo_loss(lp, old, adv, m, backend="triton")

@@ -234,7 +234,9 @@ def test_fused_moe_deterministic_and_backends_agree(device):
     a = mk.fused_moe(x, w13, w2, topk_w, topk_ids, backend="triton")
     b = mk.fused_moe(x, w13, w2, topk_w, topk_ids, backend="triton")
     assert torch.equal(a, b)
-    # A token's output does not depend on the rest of the batch (rows are computed independently).
+    # A token's output does not depend on the rest of the batch (rows are computed independently)
+    # as long as both batch sizes get the same tiles, as T = 5 and 64 do at these widths; tiles
+    # follow T's bucket (moe_config), so across buckets the last bits may differ.
     c = mk.fused_moe(x[:5], w13, w2, topk_w[:5], topk_ids[:5], backend="triton")
     assert torch.equal(a[:5], c)
     t = mk.fused_moe(x, w13, w2, topk_w, topk_ids, backend="torch")

@@ -13,6 +13,7 @@ backward registered through ``torch.library.register_autograd`` (itself the cust
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -112,13 +113,17 @@ def _check_head_inputs(hidden, weight):
     return device
 
 
+# The kernels multiply fp32 logits by 1/temperature: below this it is inf and every output NaN.
+_MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
 def _check_temperature(temperature, allow_zero=False):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (temperature > 0 or (allow_zero and temperature == 0)) or temperature != temperature \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and > 0{' (or 0 for greedy)' if allow_zero else ''}, "
-                         f"got {temperature}")
+    if not (math.isfinite(temperature) and (temperature >= _MIN_TEMPERATURE
+                                            or (allow_zero and temperature == 0))):
+        raise ValueError(f"temperature must be finite and >= {_MIN_TEMPERATURE:.3g}"
+                         f"{' (or 0 for greedy)' if allow_zero else ''}, got {temperature}")
     return float(temperature)
 
 
@@ -149,6 +154,10 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     defeats the purpose; the price is that the Triton kernel runs on CUDA cores, not tensor
     cores, for fp32 inputs (bf16 weights are the production case).
 
+    Host synchronization: one, the check that targets are in range (skipped under CUDA graph
+    capture and torch.compile; an out-of-range target then gives a wrong logprob on the triton
+    backend, never an out-of-bounds read).
+
     Determinism (triton backend): fixed tiles, vocabulary splits that depend only on V, merged
     in a fixed order with no atomics, so results are bitwise reproducible and a token's result
     does not depend on the rest of the batch. The torch backend is deterministic but relies on
@@ -178,16 +187,17 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 def _sample_rows(z: torch.Tensor, top_p: float, top_k: int, generator) -> torch.Tensor:
     """Sample one token per row of tempered fp32 logits ``z [rows, V]`` after top-k / top-p."""
     V = z.shape[-1]
-    neg_inf = torch.tensor(float("-inf"), device=z.device)
+    # masked_fill with a Python scalar: a torch.tensor(-inf, device=cuda) fill value would be a
+    # blocking host-to-device copy on every decode step.
     if 0 < top_k < V:
         kth = z.topk(top_k, dim=-1).values[:, -1:]
-        z = torch.where(z < kth, neg_inf, z)
+        z = z.masked_fill(z < kth, float("-inf"))
     if top_p < 1.0:
         sorted_z, order = z.sort(dim=-1, descending=True)
         probs = torch.softmax(sorted_z, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
         drop = (probs.cumsum(-1) - probs) >= top_p
-        sorted_z = torch.where(drop, neg_inf, sorted_z)
+        sorted_z = sorted_z.masked_fill(drop, float("-inf"))
         z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
     probs = torch.softmax(z, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -214,9 +224,10 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
         ``(tokens int64, logprobs fp32)`` shaped like ``hidden.shape[:-1]``. ``logprobs`` is
         the log probability of each token under the full tempered distribution (before top-k /
         top-p truncation), which is what the training side computes with
-        :func:`head_logprobs` — and it is computed *by* ``head_logprobs`` with the same
-        backend, so the two are bitwise equal (the triton backend is batch invariant, so this
-        holds for any batch composition on the training side too).
+        :func:`head_logprobs` — and it is computed by the same op with the same backend
+        (without the target range check and its host sync), so the two are bitwise equal
+        (the triton backend is batch invariant, so this holds for any batch composition on the
+        training side too).
 
     Memory: unlike head_logprobs, sampling with top-p needs a sort over the vocabulary, so this
     materializes fp32 logits for blocks of rows (at most ``2^26`` elements, 256 MiB, per block;
@@ -245,12 +256,15 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
         from .triton_head import head_logits_triton as logits_fn
     else:
         logits_fn = reference.tempered_logits_fp32
-    step = max(1, reference.TORCH_BLOCK_ELEMENTS // V)
+    logits_temperature = t if t > 0 else 1.0
+    step = reference.rows_per_logits_block(V)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        z = logits_fn(h2[r0:r1], weight, t if t > 0 else 1.0)
+        z = logits_fn(h2[r0:r1], weight, logits_temperature)
         tokens[r0:r1] = z.argmax(-1) if t == 0 else _sample_rows(z, float(top_p), top_k, generator)
-    lp = head_logprobs(h2, weight, tokens, temperature=t if t > 0 else 1.0, backend=chosen).logprobs
+    # The op itself, not head_logprobs: the inputs are validated and the tokens are in [0, V) by
+    # construction, so its target range check would only cost a host sync per decode step.
+    lp = torch.ops.mm1.head_logprobs(h2, weight, tokens, logits_temperature, chosen)[0]
     return tokens.reshape(lead), lp.reshape(lead)
 
 
@@ -293,10 +307,14 @@ def cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
                  device=device)
     check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, device=device)
     try:
-        torch.broadcast_shapes(advantages.shape, logprobs.shape)
+        broadcast = torch.broadcast_shapes(advantages.shape, logprobs.shape)
     except RuntimeError:
+        broadcast = None
+    # Broadcasting must not grow logprobs' shape: [B, T] advantages for [T] logprobs would count
+    # every token B times against a Σ mask of T.
+    if broadcast != logprobs.shape:
         raise ValueError(f"advantages of shape {list(advantages.shape)} does not broadcast to "
-                         f"logprobs' {list(logprobs.shape)}") from None
+                         f"logprobs' {list(logprobs.shape)}")
     check_tensor("mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES + INDEX_DTYPES,
                  shape=tuple(logprobs.shape), device=device)
     _check_cispo_args(eps_low, eps_high)

@@ -47,7 +47,8 @@ def head_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return lp, lse, entropy
 
 
-def _rows_per_block(vocab: int) -> int:
+def rows_per_logits_block(vocab: int) -> int:
+    """Rows of a ``[rows, vocab]`` fp32 logits block within ``TORCH_BLOCK_ELEMENTS``."""
     return max(1, TORCH_BLOCK_ELEMENTS // max(vocab, 1))
 
 
@@ -97,7 +98,7 @@ def head_forward_torch(hidden, weight, targets, temperature: float):
     """torch backend forward: fp32 (logprobs, lse, entropy), ``[rows, V]`` blocks of rows."""
     T, V = hidden.shape[0], weight.shape[0]
     outs = [torch.empty(T, dtype=torch.float32, device=hidden.device) for _ in range(3)]
-    step = _rows_per_block(V)
+    step = rows_per_logits_block(V)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         z = tempered_logits_fp32(hidden[t0:t1], weight, temperature)
@@ -187,7 +188,11 @@ def cispo_reference(logprobs, old_logprobs, advantages, mask, eps_low: Optional[
     hi = None if eps_high is None else 1.0 + eps_high
     if lo is not None or hi is not None:
         ratio = ratio.clamp(min=lo, max=hi)
-    # where, not multiply: a masked-out token with a non-finite old logprob must not give NaN.
-    per_token = torch.where(valid, ratio * advantages * logprobs, torch.zeros_like(logprobs))
+    # where, not multiply, twice: a masked-out token may carry a non-finite old logprob or
+    # advantage (padding). Zeroing only the product would still send 0 · inf = NaN into its
+    # logprob gradient (the product's backward multiplies by the coefficient), and from there
+    # into every hidden/weight gradient of the head; a zero coefficient keeps it at 0.
+    coef = torch.where(valid, ratio * advantages, torch.zeros_like(ratio))
+    per_token = torch.where(valid, coef * logprobs, torch.zeros_like(logprobs))
     denom = valid.sum().clamp(min=1).to(logprobs.dtype)
     return -per_token.sum() / denom

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpret_enabled
-from .reference import BACKWARD_VOCAB_CHUNK, TORCH_BLOCK_ELEMENTS, head_backward_blocks
+from .reference import BACKWARD_VOCAB_CHUNK, IGNORE_INDEX, TORCH_BLOCK_ELEMENTS, head_backward_blocks
 
 # Tiles. The interpreter pays per program and per op, not per element, so it gets smaller
 # splits (more of the split/merge logic is exercised at test sizes) and no difference in math.
@@ -169,14 +169,18 @@ def head_merge_splits_kernel(
     """Combine the splits of each token in split order: logprob, lse, entropy."""
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     mask_t = offs_t < T
+    # Walk the splits by pointer increments, not i · 4T: that int32 product wraps once
+    # nsplit · 4 · T passes 2^31 (~5.5M tokens at M1's vocabulary).
     M = tl.full([BT], NEG_BIG, tl.float32)
-    for i in range(0, nsplit):
-        M = tl.maximum(M, tl.load(part_ptr + i * 4 * T + offs_t, mask=mask_t, other=0.0))
+    base = part_ptr + offs_t
+    for _ in range(0, nsplit):
+        M = tl.maximum(M, tl.load(base, mask=mask_t, other=0.0))
+        base += 4 * T
     S = tl.zeros([BT], dtype=tl.float32)
     U = tl.zeros([BT], dtype=tl.float32)
     t_logit = tl.zeros([BT], dtype=tl.float32)
-    for i in range(0, nsplit):
-        base = part_ptr + i * 4 * T + offs_t
+    base = part_ptr + offs_t
+    for _ in range(0, nsplit):
         m_i = tl.load(base, mask=mask_t, other=0.0)
         s_i = tl.load(base + T, mask=mask_t, other=1.0)  # rows past T: keep log S finite
         u_i = tl.load(base + 2 * T, mask=mask_t, other=0.0)
@@ -184,6 +188,7 @@ def head_merge_splits_kernel(
         scale = tl.exp(m_i - M)
         S += scale * s_i
         U += scale * (u_i + (m_i - M) * s_i)
+        base += 4 * T
     log_s = tl.log(S)
     tgt = tl.load(tgt_ptr + offs_t, mask=mask_t, other=IGNORE)
     lp = tl.where(tgt == IGNORE, 0.0, (t_logit - M) - log_s)
@@ -233,7 +238,6 @@ def head_forward_triton(hidden, weight, targets, temperature: float, split_v: in
     ``logits_out``: optional fp32 ``[T, V]`` (unit last stride) that receives the tempered
     logits the statistics were computed from (for sampling; never used by the training path).
     """
-    from .reference import IGNORE_INDEX
     T, K = hidden.shape
     V = weight.shape[0]
     fp32 = hidden.dtype == torch.float32
@@ -256,7 +260,6 @@ def head_forward_triton(hidden, weight, targets, temperature: float, split_v: in
 
 def head_logits_triton(hidden, weight, temperature: float):
     """fp32 ``[T, V]`` tempered logits, bitwise those :func:`head_forward_triton` uses."""
-    from .reference import IGNORE_INDEX
     T, V = hidden.shape[0], weight.shape[0]
     logits = torch.empty(T, V, dtype=torch.float32, device=hidden.device)
     no_targets = torch.full((T,), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)

@@ -127,8 +127,7 @@ def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, che
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     if (check_ids and topk_ids.numel() and can_check_device_values(topk_ids)
             and not _topk_ids_memo.hit(topk_ids, E)):
-        lo, hi = torch.aminmax(topk_ids)
-        lo, hi = int(lo), int(hi)
+        lo, hi = torch.stack(torch.aminmax(topk_ids)).tolist()  # one device → host copy, not two
         if lo < 0 or hi >= E:
             raise ValueError(f"topk_ids must be in [0, {E}) (the number of experts); got values "
                              f"from {lo} to {hi}")
@@ -159,6 +158,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             ids come straight from :func:`moe_route` pass False.
 
     Returns ``y [T, hidden]`` in x's dtype. Accumulation is fp32; deterministic (no atomics).
+    Not batch invariant in the last bits: the Triton tiles (hence the K accumulation order)
+    follow the token-count bucket of ``triton_fused_moe.moe_config``.
 
     The id range check is also skipped during CUDA graph capture and torch.compile; the Triton
     kernels then give NaN rows for tokens with an out-of-range id (never an out-of-bounds
