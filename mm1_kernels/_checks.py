@@ -118,3 +118,25 @@ def check_slot_ids(slot_ids: torch.Tensor, batch: int, num_slots: int, device: t
         if hi >= num_slots:
             raise ValueError(f"slot_ids holds {hi} but the state cache has only {num_slots} slots")
         _slot_ids_memo.remember(slot_ids, num_slots)
+
+
+_index_range_memos: dict[str, _ValueCheckMemo] = {}
+
+
+def check_index_range(name: str, ids: torch.Tensor, upper: int, what: str,
+                      ignore_value: int | None = None) -> None:
+    """Values of ``ids`` must lie in ``[0, upper)`` (``what`` names the bound), or equal
+    ``ignore_value``. One host sync, skipped when values cannot be read (see
+    :func:`can_check_device_values`) and memoized per tensor like the checks above."""
+    if not ids.numel() or not can_check_device_values(ids):
+        return
+    memo = _index_range_memos.setdefault(name, _ValueCheckMemo())
+    if memo.hit(ids, (upper, ignore_value)):
+        return
+    bad = (ids < 0) | (ids >= upper)
+    if ignore_value is not None:
+        bad &= ids != ignore_value
+    if bool(bad.any()):
+        also = f" or {ignore_value}" if ignore_value is not None else ""
+        raise ValueError(f"{name} must be in [0, {upper}) ({what}){also}; got {ids[bad][:8].tolist()}")
+    memo.remember(ids, (upper, ignore_value))

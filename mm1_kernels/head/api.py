@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, can_check_device_values, check_same_dtype, check_tensor
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_dtype, check_tensor
 from .._dispatch import resolve_backend
 from .._nvtx import annotate
 from . import reference
@@ -174,11 +174,7 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     V, K = weight.shape
     h2 = hidden.reshape(-1, K)
     t1 = targets.reshape(-1).contiguous()
-    if can_check_device_values(t1) and t1.numel():
-        bad = (t1 != IGNORE_INDEX) & ((t1 < 0) | (t1 >= V))
-        if bool(bad.any()):
-            raise ValueError(f"targets must be in [0, {V}) or {IGNORE_INDEX}; got "
-                             f"{t1[bad][:8].tolist()}")
+    check_index_range("targets", t1, V, "the vocabulary size", ignore_value=IGNORE_INDEX)
     chosen = resolve_backend("head_logprobs", backend, device, HEAD_BACKENDS)
     lp, lse, ent = torch.ops.mm1.head_logprobs(h2, weight, t1, temperature, chosen)
     return HeadOutput(lp.reshape(lead), lse.reshape(lead), ent.reshape(lead))

@@ -8,8 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, _ValueCheckMemo, can_check_device_values,
-                       check_tensor)
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
 from .._dispatch import resolve_backend
 from .._nvtx import annotate
 from . import reference
@@ -18,7 +17,6 @@ ROUTE_BACKENDS = ("torch", "triton")
 FUSED_MOE_BACKENDS = ("torch", "triton")
 # The routing kernel keeps a token's whole row of logits in registers.
 MAX_EXPERTS = 1024
-_topk_ids_memo = _ValueCheckMemo()
 
 
 @torch.library.custom_op("mm1::moe_route", mutates_args=())
@@ -125,13 +123,8 @@ def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, che
     check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(T, k), device=device)
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
-    if (check_ids and topk_ids.numel() and can_check_device_values(topk_ids)
-            and not _topk_ids_memo.hit(topk_ids, E)):
-        lo, hi = torch.stack(torch.aminmax(topk_ids)).tolist()  # one device → host copy, not two
-        if lo < 0 or hi >= E:
-            raise ValueError(f"topk_ids must be in [0, {E}) (the number of experts); got values "
-                             f"from {lo} to {hi}")
-        _topk_ids_memo.remember(topk_ids, E)
+    if check_ids:
+        check_index_range("topk_ids", topk_ids, E, "the number of experts")
 
 
 @annotate("mm1.fused_moe")
