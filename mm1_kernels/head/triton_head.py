@@ -35,8 +35,9 @@ the per-token upstream gradients and the saved lse / entropy:
 ``dz = g_lp (onehot - p) + g_lse p - g_ent p (log p + H)``, times 1/temperature. The host
 driver ``reference.head_backward_blocks`` visits vocabulary chunks × row blocks in a fixed
 order and forms ``dhidden += dz @ W_chunk`` and ``dW_chunk += dz^T @ hidden`` with fp32
-matmuls, so the weight gradient accumulates in fp32, deterministically, and the scratch is one
-block (≤ 256 MiB), independent of V and bounded in T.
+accumulation (tensor-core GEMMs on dz rounded to the input dtype for 16-bit inputs on a GPU;
+see that function), so the weight gradient accumulates in fp32, deterministically, and the
+scratch is one block (≤ 256 MiB), independent of V and bounded in T.
 
 Precision: bf16/fp16 operands go to ``tl.dot`` as they are — products exact in fp32, fp32
 accumulation (tensor cores with fp32 accumulators on a GPU). fp32 operands use
