@@ -402,3 +402,37 @@ def test_value_checks_rerun_after_in_place_change():
     slots[1] = 4
     with pytest.raises(ValueError, match="slot"):
         mk.lightning_decode(q[0, :2], k[0, :2], v[0, :2], slopes, cache, slots, backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"])
+def test_decode_and_varlen_prefill_capture_in_a_cuda_graph(backend):
+    """No host synchronization: both ops record into a CUDA graph and replay correctly."""
+    H, D = 4, 128
+    slopes = mk.lightning_slopes(H, 39, 80).cuda()
+    q, k, v = (t[:, 0] for t in make_qkv(6, 1, H, D, torch.bfloat16, "cuda"))
+    slots = torch.tensor([3, -1, 0, 5, 2, 1], dtype=torch.int32, device="cuda")
+    state = make_state(8, H, D, "cuda")
+    pq, pk, pv = make_qkv(1, 300, H, D, torch.bfloat16, "cuda", seed=4)
+    cu = torch.tensor([0, 1, 130, 300], dtype=torch.int32, device="cuda")
+    ref_state = state.clone()
+    ref_o = mk.lightning_decode(q, k, v, slopes, ref_state, slots, backend=backend)
+    ref_p, ref_f = mk.lightning_attention(pq, pk, pv, slopes, output_final_state=True, cu_seqlens=cu,
+                                          backend=backend)
+    work = state.clone()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up (compilation) outside the capture
+        mk.lightning_decode(q, k, v, slopes, work, slots, backend=backend)
+        mk.lightning_attention(pq, pk, pv, slopes, output_final_state=True, cu_seqlens=cu, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    work.copy_(state)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = mk.lightning_decode(q, k, v, slopes, work, slots, backend=backend)
+        p, f = mk.lightning_attention(pq, pk, pv, slopes, output_final_state=True, cu_seqlens=cu,
+                                      backend=backend)
+    work.copy_(state)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o, ref_o) and torch.equal(work, ref_state)
+    assert torch.equal(p, ref_p) and torch.equal(f, ref_f)
