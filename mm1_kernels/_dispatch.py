@@ -79,10 +79,12 @@ def _why_unavailable(backend: str, device: torch.device, cuda_op: str | None) ->
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device,
-                    implemented: tuple[str, ...], cuda_op: str | None = None) -> str:
+                    implemented: tuple[str, ...], cuda_op: str | None = None,
+                    gpu_preference: tuple[str, ...] = ("cuda", "triton", "torch")) -> str:
     """Return the backend that runs ``op`` for tensors on ``device``.
 
-    ``implemented`` lists the backends the op has; ``cuda_op`` names its CUDA kernel.
+    ``implemented`` lists the backends the op has; ``cuda_op`` names its CUDA kernel;
+    ``gpu_preference`` is the automatic order on a GPU, fastest measured first.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS} or None")
@@ -103,7 +105,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
         return backend
     if device.type != "cuda":
         return "torch"
-    for candidate in ("cuda", "triton", "torch"):
+    for candidate in gpu_preference:
         if candidate in implemented and _why_unavailable(candidate, device, cuda_op) is None:
             return candidate
     raise AssertionError("the torch backend is always available")

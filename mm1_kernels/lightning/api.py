@@ -17,6 +17,10 @@ from . import reference
 MAX_HEAD_DIM = 256
 PREFILL_BACKENDS = ("torch", "triton", "cuda")
 DECODE_BACKENDS = ("torch", "triton", "cuda")
+# Automatic choice on a GPU: Triton before the CUDA kernels until a GPU run has verified and
+# timed the CUDA path (so far it is compile-checked and verified in host emulation only);
+# backend="cuda" selects it explicitly.
+GPU_PREFERENCE = ("triton", "cuda", "torch")
 
 
 @torch.library.custom_op("mm1::lightning_attention", mutates_args=())
@@ -120,7 +124,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     chosen = resolve_backend("lightning_attention", backend, device, PREFILL_BACKENDS,
-                             cuda_op="lightning_prefill_cuda")
+                             cuda_op="lightning_prefill_cuda", gpu_preference=GPU_PREFERENCE)
     o, final = torch.ops.mm1.lightning_attention(q, k, v, slopes, initial_state, cu_seqlens,
                                                  output_final_state, chosen)
     return o, (final if output_final_state else None)
@@ -162,7 +166,7 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
     elif B > state_cache.shape[0]:
         raise ValueError(f"without slot_ids, row b uses slot b: batch {B} > {state_cache.shape[0]} slots")
     chosen = resolve_backend("lightning_decode", backend, device, DECODE_BACKENDS,
-                             cuda_op="lightning_decode_cuda")
+                             cuda_op="lightning_decode_cuda", gpu_preference=GPU_PREFERENCE)
     o = torch.ops.mm1.lightning_decode(q, k, v, slopes, state_cache, slot_ids, chosen)
     return o[:, None] if squeeze else o
 
