@@ -6,6 +6,15 @@
 #   bash bench/gpu_session.sh lightning  # benchmarks, one op per call: lightning | moe | head | model
 #   bash bench/gpu_session.sh profiles   # one Nsight Compute profile per op
 # Logs and results go to $OUT (the device tool's return folder) when set, else bench/results/.
+#
+# The GPU image has torch, triton and pytest but no package registry, and may lack safetensors
+# (the model's checkpoints), tqdm and matplotlib (the report). Fetch them here first, into the
+# git-ignored .wheels/ (~25 MB, under the device tool's 64 MiB carry limit), and pass
+# carry=[".wheels"]; the build stage installs them offline:
+#   pip download safetensors tqdm matplotlib --python-version 3.12 --only-binary=:all: \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --no-deps -d .wheels
+#   (plus matplotlib's own dependencies: contourpy cycler fonttools kiwisolver pillow pyparsing
+#    python-dateutil six, the same way)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -13,6 +22,9 @@ mkdir -p "$out"
 stage="${1:?stage: build | tests | lightning | moe | head | model | profiles}"
 case "$stage" in
   build)
+    if [ -d .wheels ]; then
+      pip install --no-index --find-links .wheels safetensors tqdm matplotlib 2>&1 | tail -3
+    fi
     MM1_REQUIRE_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20
     python -c "import torch, mm1_kernels as mk, mm1_kernels._C; print(torch.__version__, torch.cuda.get_device_name(), torch.ops.mm1.lightning_decode_cuda)"
     ;;
