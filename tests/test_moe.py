@@ -359,3 +359,32 @@ def test_fused_moe_64bit_offsets():
     ref = mk.fused_moe_reference(x[tail].double(), w13.double(), w2.double(),
                                  topk_w[tail].double(), topk_ids[tail])
     assert rel_err(out[tail], ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [False, True])
+def test_decode_step_captures_in_a_cuda_graph(quantized):
+    """Routing + fused experts for a decode batch: no host sync, so the step records into a
+    CUDA graph and replays to the same bits as the eager call."""
+    E, T, hidden, inter = 32, 8, 256, 128
+    w13, w2 = make_experts(E, hidden, inter, torch.bfloat16, "cuda")
+    scales = {}
+    if quantized:
+        w13, s13, w2, s2 = mk.quantize_moe_weights(w13, w2)
+        scales = dict(w13_scale=s13, w2_scale=s2)
+    x, logits = make_tokens(T, E, hidden, torch.bfloat16, "cuda")
+
+    def step():
+        w, ids = mk.moe_route(logits, top_k=2, backend="triton")
+        return mk.fused_moe(x, w13, w2, w, ids, backend="triton", check_ids=False, **scales)
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # compile the kernels outside the capture
+        expected = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
