@@ -378,3 +378,13 @@ def write_results(run: dict, out_dir: Path) -> Path:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def missing_names(module: str, *names: str) -> str | None:
+    """Why ``module`` cannot be benchmarked (not importable, or lacking ``names``), else None."""
+    try:
+        mod = __import__(module)
+        missing = [n for n in names if not hasattr(mod, n)]
+    except Exception as exc:
+        return f"{module} is not importable ({exc})"
+    return f"{module} lacks {', '.join(missing)}" if missing else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Case, Cost, Impl
+from .common import Case, Cost, Impl, missing_names
 
 OP = "head"
 MEASURE_MEMORY = True
@@ -17,12 +17,7 @@ IGNORE = -100
 
 
 def unavailable() -> str | None:
-    try:
-        import mm1_kernels as mk
-        mk.head_logprobs, mk.head_sample  # noqa: B018
-    except Exception as exc:
-        return f"mm1_kernels.head_logprobs/head_sample are not importable yet ({exc})"
-    return None
+    return missing_names("mm1_kernels", "head_logprobs", "head_sample")
 
 
 def cases(device: torch.device, args) -> list[Case]:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .common import Case, Cost, Impl
+from .common import Case, Cost, Impl, missing_names
 
 OP = "lightning"
 CHUNK = 64                     # the chunk the FLOP count assumes (the Triton kernel's C)
@@ -19,12 +19,7 @@ BACKENDS = ("torch", "triton", "cuda")
 
 
 def unavailable() -> str | None:
-    try:
-        import mm1_kernels as mk
-        mk.lightning_attention, mk.lightning_decode  # noqa: B018
-    except Exception as exc:
-        return f"mm1_kernels.lightning_attention is not importable ({exc})"
-    return None
+    return missing_names("mm1_kernels", "lightning_attention", "lightning_decode")
 
 
 def cases(device: torch.device, args) -> list[Case]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Case, Cost, Impl, bound_and_fraction, floor_ms
+from .common import Case, Cost, Impl, bound_and_fraction, floor_ms, missing_names
 
 OP = "model"
 NEW = 16                       # decode steps timed on the GPU
@@ -48,12 +48,7 @@ def _build(args, device):
 
 
 def unavailable() -> str | None:
-    try:
-        import mm1_model  # noqa: F401
-        mm1_model.MiniMaxM1Config, mm1_model.MiniMaxM1ForCausalLM  # noqa: B018
-    except Exception as exc:
-        return f"mm1_model (MiniMaxM1Config, MiniMaxM1ForCausalLM) is not importable yet ({exc})"
-    return None
+    return missing_names("mm1_model", "MiniMaxM1Config", "MiniMaxM1ForCausalLM")
 
 
 def _dims(config) -> dict:

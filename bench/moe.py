@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Cost, Impl
+from .common import Case, Cost, Impl, missing_names
 
 OP = "moe"
 E, TOP_K = 32, 2
@@ -17,12 +17,7 @@ BACKENDS = ("torch", "triton", "cuda")
 
 
 def unavailable() -> str | None:
-    try:
-        import mm1_kernels as mk
-        mk.moe_route, mk.fused_moe, mk.quantize_moe_weights  # noqa: B018
-    except Exception as exc:
-        return f"mm1_kernels.moe_route/fused_moe/quantize_moe_weights are not importable yet ({exc})"
-    return None
+    return missing_names("mm1_kernels", "moe_route", "fused_moe", "quantize_moe_weights")
 
 
 def cases(device: torch.device, args) -> list[Case]:
