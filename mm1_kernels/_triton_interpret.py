@@ -1,38 +1,172 @@
-"""Workaround for the Triton CPU interpreter, applied only when ``TRITON_INTERPRET=1``.
+"""Fixes for the Triton CPU interpreter, active only while this package's own kernels run.
 
-Triton 3.6's interpreter keeps bf16 tensors as raw uint16 bit patterns and hands them to
-``np.matmul`` as integers, so ``tl.dot`` on bf16 operands returns garbage on the CPU (fp16
-and fp32 are fine). bf16 → fp32 is exact (a 16-bit shift), so upcasting the operands before
-the interpreter's matmul gives what a GPU tensor core computes: exact products accumulated in
-fp32. Nothing here runs on a GPU.
+Under ``TRITON_INTERPRET=1`` Triton executes kernels with numpy, and two of its operations do
+not compute what a GPU computes (both seen in Triton 3.6 through 3.9):
+
+- ``tl.dot`` on bf16 operands: bf16 tensors are held as raw uint16 bit patterns and handed to
+  ``np.matmul`` as integers, so the result is garbage. bf16 → fp32 is exact (a 16-bit shift),
+  so upcasting before the matmul gives what a tensor core computes: exact products, fp32
+  accumulation.
+- fp32 → bf16 conversion truncates; a GPU (and torch) rounds to nearest even. Truncation
+  doubles the error of every bf16 output and biases it toward zero.
+
+Whether an installed Triton needs a fix is not guessed from its version: the first launch of
+one of our kernels under the interpreter runs a tiny probe kernel with the interpreter as it
+is and compares it with torch. Only the fixes the probe shows to be needed are applied.
+
+Scope: :func:`interpreted_with_fixes` wraps each kernel this package launches. The fixes are
+installed on the interpreter when the first of our launches begins and removed when the last
+one ends, and the patched methods act only on the thread running our launch, so importing
+``mm1_kernels`` changes nothing for other libraries' kernels (``tests/test_triton_interpret.py``
+checks this). On a GPU, kernels are returned unchanged: none of this code runs there.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+
 import numpy as np
+
+_lock = threading.Lock()
+_installed_depth = 0          # our launches in progress, all threads
+_originals: dict = {}         # method name -> the interpreter's own method, while installed
+_thread = threading.local()   # .depth: our launches in progress on this thread
+
+
+def _active() -> bool:
+    return getattr(_thread, "depth", 0) > 0
 
 
 def _bf16_bits_to_fp32(data: np.ndarray) -> np.ndarray:
     return (data.astype(np.uint32) << 16).view(np.float32)
 
 
-def patch_interpreter_bf16_dot() -> None:
+def _fp32_to_bf16_bits_rne(data: np.ndarray) -> np.ndarray:
+    """fp32 values → bf16 bit patterns, rounded to nearest even (what a GPU's cvt.rn does)."""
+    bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(data)
+    if np.any(nan):  # keep NaN a (quiet) NaN instead of letting the rounding carry make it inf
+        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def _fixed_create_dot(self, a, b, d, *rest):
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if _active() and (a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16):
+        a_data = _bf16_bits_to_fp32(a.data) if a.dtype == tl.bfloat16 else a.data.astype(np.float32)
+        b_data = _bf16_bits_to_fp32(b.data) if b.dtype == tl.bfloat16 else b.data.astype(np.float32)
+        out = np.matmul(a_data, b_data, dtype=np.float32).astype(d.data.dtype) + d.data
+        return interpreter.TensorHandle(out, d.dtype.scalar)
+    return _originals["create_dot"](self, a, b, d, *rest)
+
+
+def _fixed_cast_impl(self, src, dst_type):
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if _active() and src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+        return interpreter.TensorHandle(_fp32_to_bf16_bits_rne(src.data), dst_type.scalar)
+    return _originals["cast_impl"](self, src, dst_type)
+
+
+_FIXES = {"create_dot": _fixed_create_dot, "cast_impl": _fixed_cast_impl}
+
+
+@functools.lru_cache(maxsize=None)
+def needed_fixes() -> tuple[str, ...]:
+    """The interpreter methods that the installed Triton gets wrong, found by a probe kernel."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe_kernel(a_ptr, b_ptr, x_ptr, dot_ptr, cast_ptr):
+        r = tl.arange(0, 16)
+        tile = r[:, None] * 16 + r[None, :]
+        tl.store(dot_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
+        tl.store(cast_ptr + r, tl.load(x_ptr + r).to(tl.bfloat16))
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=g).bfloat16()
+    b = torch.randn(16, 16, generator=g).bfloat16()
+    # Values strictly between bf16 neighbours, above the midpoint: RNE rounds up, truncation down.
+    x = (1.0 + torch.arange(16, dtype=torch.float32) / 8) * (1 + 2.0 ** -8 + 2.0 ** -10)
+    dot = torch.empty(16, 16)
+    cast = torch.empty(16, dtype=torch.bfloat16)
+    probe_kernel[(1,)](a, b, x, dot, cast)
+    needed = []
+    if not torch.allclose(dot, a.float() @ b.float(), rtol=1e-5, atol=1e-5):
+        needed.append("create_dot")
+    if not torch.equal(cast, x.bfloat16()):
+        needed.append("cast_impl")
+    from triton.runtime.interpreter import InterpreterBuilder
+    missing = [name for name in needed if not hasattr(InterpreterBuilder, name)]
+    if missing:
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter computes bf16 dots or casts "
+                           f"unlike a GPU, and the methods mm1_kernels corrects ({missing}) no "
+                           f"longer exist; mm1_kernels cannot run its kernels in this interpreter")
+    return tuple(needed)
+
+
+@contextlib.contextmanager
+def interpreter_fixes():
+    """Apply the needed interpreter fixes for the duration of one of our kernel launches."""
+    global _installed_depth
+    fixes = needed_fixes()
+    if not fixes:
+        yield
+        return
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    with _lock:
+        if _installed_depth == 0:
+            for name in fixes:
+                _originals[name] = getattr(InterpreterBuilder, name)
+                setattr(InterpreterBuilder, name, _FIXES[name])
+        _installed_depth += 1
+    _thread.depth = getattr(_thread, "depth", 0) + 1
     try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except Exception:  # pragma: no cover - triton missing
-        return
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder.create_dot, "_mm1_patched", False):
-        return
-    original = builder.create_dot
+        yield
+    finally:
+        _thread.depth -= 1
+        with _lock:
+            _installed_depth -= 1
+            if _installed_depth == 0:
+                for name in fixes:
+                    setattr(InterpreterBuilder, name, _originals.pop(name))
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
-            a_data = _bf16_bits_to_fp32(a.data) if a.dtype == tl.bfloat16 else a.data.astype(np.float32)
-            b_data = _bf16_bits_to_fp32(b.data) if b.dtype == tl.bfloat16 else b.data.astype(np.float32)
-            out = np.matmul(a_data, b_data, dtype=np.float32).astype(d.data.dtype) + d.data
-            return interpreter.TensorHandle(out, d.dtype.scalar)
-        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
 
-    create_dot._mm1_patched = True
-    builder.create_dot = create_dot
+class _InterpretedKernel:
+    """An interpreted kernel whose launches (``kernel[grid](...)``) run with the fixes on."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        functools.update_wrapper(self, kernel.fn if hasattr(kernel, "fn") else kernel)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with interpreter_fixes():
+                return launch(*args, **kwargs)
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def interpreted_with_fixes(kernel):
+    """Decorator for every kernel this package launches (put it above ``@triton.jit``).
+
+    A compiled (GPU) kernel comes back unchanged; an interpreted one comes back wrapped so
+    that its launches run with :func:`interpreter_fixes`.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return _InterpretedKernel(kernel)
+    return kernel

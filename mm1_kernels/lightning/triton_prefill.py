@@ -28,8 +28,8 @@ SM on any GPU. The price of splitting is that segment contributions K^T V are co
 (passes 1 and 3): about 2·C·D² extra FLOPs per chunk on top of ~6·C·D² (C=64, D=128), which buys
 the parallelism one long sequence otherwise lacks; nothing is recomputed when not split.
 
-Tile bases and state offsets are 64-bit (block pointers with a 64-bit base per sequence and
-head), since ``T·H·D`` passes 2^31 at one million tokens. Decay exponents are never negative, so nothing overflows; ``λ^m`` underflows
+Tile bases and state offsets are 64-bit (one 64-bit scalar base per chunk and tensor, 32-bit
+offsets inside the chunk), since ``T·H·D`` passes 2^31 at one million tokens. Decay exponents are never negative, so nothing overflows; ``λ^m`` underflows
 to 0 for fast heads, which is the correct value.
 
 Precision: the state and every accumulation are fp32. fp32 inputs: every matmul in full fp32
@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_interpret import interpreted_with_fixes
+
 CHUNK = 64
 SCRATCH_BYTES = 1 << 30
 # Programs per SM below which one long sequence is split into segments.
@@ -79,6 +81,7 @@ def _dot_split_lhs(a32, b16, acc):
     return tl.dot((a32 - a_hi.to(tl.float32)).to(b16.dtype), b16, acc)
 
 
+@interpreted_with_fixes
 @triton.jit
 def lightning_segment_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr,
@@ -130,42 +133,48 @@ def lightning_segment_kernel(
     else:
         S = tl.zeros([BD, BV], dtype=tl.float32)
 
-    # Block pointers over this sequence's rows [0, t_end) of one head: the hardware-friendly
-    # addressing keeps one 64-bit base per tile instead of a 64-bit address per element (which
-    # spilled), and the boundary check zero-fills rows past t_end and columns past D.
-    q_blk = tl.make_block_ptr(q_ptr + row * stride_qb + h * stride_qh, (t_end, D), (stride_qt, 1),
-                              (t_start, 0), (C, BD), (1, 0))
-    k_blk = tl.make_block_ptr(k_ptr + row * stride_kb + h * stride_kh, (t_end, D), (stride_kt, 1),
-                              (t_start, 0), (C, BD), (1, 0))
-    v_blk = tl.make_block_ptr(v_ptr + row * stride_vb + h * stride_vh, (t_end, DV), (stride_vt, 1),
-                              (t_start, iv * BV), (C, BV), (1, 0))
-    o_blk = tl.make_block_ptr(o_ptr + row * stride_ob + h * stride_oh, (t_end, DV), (stride_ot, 1),
-                              (t_start, iv * BV), (C, BV), (1, 0))
+    # Plain pointers, not block pointers (removed in Triton 3.9) and not tensor descriptors
+    # (their 16-byte stride and base alignment rules exclude strided views such as a fused qkv
+    # tensor with odd D; issue 11 rebuilds this kernel around TMA where it fits). Each chunk
+    # has one 64-bit scalar base per tensor, advanced by C rows per step; offsets within a
+    # chunk are 32-bit (C · stride_t stays far below 2^31), so no per-element 64-bit address is
+    # built (that spilled ~1 KB). Rows past t_end and columns past D load as zeros.
+    q_rows = q_ptr + row * stride_qb + h * stride_qh + t_start.to(tl.int64) * stride_qt
+    k_rows = k_ptr + row * stride_kb + h * stride_kh + t_start.to(tl.int64) * stride_kt
+    v_rows = v_ptr + row * stride_vb + h * stride_vh + t_start.to(tl.int64) * stride_vt
+    o_rows = o_ptr + row * stride_ob + h * stride_oh + t_start.to(tl.int64) * stride_ot
+    q_offs = offs_c[:, None] * stride_qt + offs_d[None, :]
+    k_offs = offs_c[:, None] * stride_kt + offs_d[None, :]
+    v_offs = offs_c[:, None] * stride_vt + offs_v[None, :]
+    o_offs = offs_c[:, None] * stride_ot + offs_v[None, :]
     q_decay = tl.exp(-s * (offs_c + 1).to(tl.float32))
     causal = offs_c[:, None] >= offs_c[None, :]
-    # λ^(j-i) for i ≤ j; the exponent is clamped at 0 above the diagonal, where the mask zeroes it.
-    intra_decay = tl.where(causal, tl.exp(-s * tl.maximum(offs_c[:, None] - offs_c[None, :], 0).to(tl.float32)), 0.0)
+    # λ^(j-i) for i ≤ j; the exponent is clamped at 0 above the diagonal, where the select in
+    # the loop zeroes the scores (a select, not a multiply: a NaN or inf in a later token's k
+    # must not reach an earlier token's output through 0 · NaN).
+    intra_decay = tl.exp(-s * tl.maximum(offs_c[:, None] - offs_c[None, :], 0).to(tl.float32))
 
     for t0 in range(t_start, t_end, C):
         m = tl.minimum(t_end - t0, C)
-        k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
-        v = tl.load(v_blk, boundary_check=(0, 1), padding_option="zero")
+        row_ok = offs_c < m
+        k = tl.load(k_rows + k_offs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_rows + v_offs, mask=row_ok[:, None] & mask_v[None, :], other=0.0)
         if not LOCAL_PASS:
-            q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+            q = tl.load(q_rows + q_offs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
             if DOT_MODE == "bf16x2":
                 # Products of bf16 inputs are exact, accumulation is fp32. The fp32 state and
                 # decayed scores enter the tensor cores as a bf16 pair (hi + lo), which keeps
                 # ~16 mantissa bits at the cost of a second matmul; see the module docstring.
-                scores = tl.dot(q, tl.trans(k)) * intra_decay
+                scores = tl.where(causal, tl.dot(q, tl.trans(k)) * intra_decay, 0.0)
                 out = _dot_split(q, S, tl.zeros([C, BV], tl.float32)) * q_decay[:, None]
                 out = _dot_split_lhs(scores, v, out)
             else:  # fp32 inputs in full fp32 ("ieee"); fp16 inputs upcast, exact in TF32 ("tf32")
-                scores = tl.dot(q, tl.trans(k), input_precision=DOT_MODE) * intra_decay
+                scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=DOT_MODE) * intra_decay, 0.0)
                 out = tl.dot(q.to(tl.float32), S, input_precision=DOT_MODE) * q_decay[:, None]
                 out = tl.dot(scores, v.to(tl.float32), out, input_precision=DOT_MODE)
-            tl.store(o_blk, out.to(o_ptr.dtype.element_ty), boundary_check=(0, 1))
-            q_blk = tl.advance(q_blk, (C, 0))
-            o_blk = tl.advance(o_blk, (C, 0))
+            tl.store(o_rows + o_offs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_v[None, :])
+            q_rows += C * stride_qt
+            o_rows += C * stride_ot
         # Rows past m were loaded as zeros, so they add nothing; the decay uses the true m.
         k_decay = tl.exp(-s * tl.maximum(m - 1 - offs_c, 0).to(tl.float32))
         kd = tl.trans(k.to(tl.float32) * k_decay[:, None])
@@ -174,8 +183,8 @@ def lightning_segment_kernel(
             S = _dot_split_lhs(kd, v, S)
         else:
             S = tl.dot(kd, v.to(tl.float32), S, input_precision=DOT_MODE)
-        k_blk = tl.advance(k_blk, (C, 0))
-        v_blk = tl.advance(v_blk, (C, 0))
+        k_rows += C * stride_kt
+        v_rows += C * stride_vt
 
     if LOCAL_PASS:
         tl.store(seg_state_ptr + seg_head_state + state_offs, S, mask=state_mask)
@@ -184,6 +193,7 @@ def lightning_segment_kernel(
             tl.store(final_state_ptr + head_state + state_offs, S, mask=state_mask)
 
 
+@interpreted_with_fixes
 @triton.jit
 def lightning_segment_scan_kernel(
     slopes_ptr, seg_state_ptr, init_state_ptr, seq_first_seg_ptr, seq_last_seg_ptr,

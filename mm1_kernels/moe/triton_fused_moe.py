@@ -41,7 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_interpret import interpreted_with_fixes
 
+
+@interpreted_with_fixes
 @triton.jit
 def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, N, E, max_blocks,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -90,6 +93,7 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, N, E, max_blocks
         running += tl.sum(hit, axis=0)
 
 
+@interpreted_with_fixes
 @triton.jit
 def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
                        N, I, K, stride_xt, stride_we, stride_wn,
@@ -138,6 +142,7 @@ def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_exp
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@interpreted_with_fixes
 @triton.jit
 def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_ptr,
                     block_expert_ptr, N, H, I, stride_we, stride_wn,
@@ -175,6 +180,7 @@ def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_pt
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
+@interpreted_with_fixes
 @triton.jit
 def moe_combine_kernel(rows_ptr, ids_ptr, out_ptr, H, E, stride_ot,
                        TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
