@@ -1,17 +1,16 @@
-"""Build for mm1-kernels.
+"""Builds the CUDA extension ``mm1_kernels._C``; everything else is in pyproject.toml.
 
-The Python package always installs. The CUDA extension ``mm1_kernels._C`` is built
-only when the installed torch is a CUDA build and ``MM1_SKIP_CUDA_BUILD`` is not set;
-``MM1_CUDA_ARCHS`` picks the targets (default ``90a``, i.e. ``sm_90a``; a list such
-as ``"90a;100a"`` builds several). A failed CUDA build warns and installs
-without it unless ``MM1_REQUIRE_CUDA_BUILD=1``. The C++ standard is C++20, torch's own default.
-Install with ``pip install --no-build-isolation -e .``
-so pip never resolves a second torch into a build environment.
+The extension is built only when the installed torch is a CUDA build and
+``MM1_SKIP_CUDA_BUILD`` is not set; ``MM1_CUDA_ARCHS`` picks the targets (default ``90a``,
+i.e. ``sm_90a``; a list such as ``"90a;100a"`` builds several). A failed CUDA build warns and
+installs without it unless ``MM1_REQUIRE_CUDA_BUILD=1``. The C++ standard is C++20, torch's
+own default. Install with ``pip install --no-build-isolation -e .`` so pip never resolves a
+second torch into a build environment.
 """
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,6 +33,7 @@ def _cuda_extensions():
     gencode = []
     for arch in filter(None, (a.strip() for a in archs)):
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+
     class OptionalBuildExtension(BuildExtension):
         """A failed CUDA build leaves a working pure-Python install (the Triton and torch
         backends, with backend="cuda" reporting why it is unavailable) instead of no install.
@@ -61,19 +61,4 @@ def _cuda_extensions():
 
 
 ext_modules, cmdclass = _cuda_extensions()
-
-setup(
-    name="mm1-kernels",
-    version="0.1.0",
-    description="Lightning attention, fused MoE and FP32-head kernels for the MiniMax-M1 architecture",
-    packages=find_packages(include=["mm1_kernels", "mm1_kernels.*", "bench", "bench.*", "profiles", "profiles.*"])
-    + ["mm1_model"] + ["mm1_model." + p for p in find_packages(where="model")],
-    package_dir={"mm1_model": "model"},
-    python_requires=">=3.10",
-    # torch is deliberately not listed: an unpinned torch requirement makes pip fetch a
-    # multi-GB CUDA build. Install torch first (README), then this package.
-    install_requires=["numpy", "safetensors"],
-    extras_require={"triton": ["triton>=3.2"], "test": ["pytest", "transformers"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
