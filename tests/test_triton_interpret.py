@@ -101,13 +101,40 @@ def test_fixes_are_per_thread():
 
 
 def test_probe_matches_the_installed_triton():
-    """needed_fixes() says a fix is needed exactly when the plain interpreter is wrong."""
-    dot, cast = _run_foreign()
-    a, b, x = _foreign_inputs()
-    dot_wrong = not torch.allclose(dot, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
-    cast_wrong = not torch.equal(cast, x.bfloat16())
-    assert ("create_dot" in fixes.needed_fixes()) == dot_wrong
-    assert ("cast_impl" in fixes.needed_fixes()) == cast_wrong
+    """The cast fix is applied exactly when the plain interpreter truncates; the dot fix always."""
+    _, cast = _run_foreign()
+    _, _, x = _foreign_inputs()
+    assert "create_dot" in fixes.needed_fixes()
+    assert ("cast_impl" in fixes.needed_fixes()) == (not torch.equal(cast, x.bfloat16()))
+
+
+@fixes.interpreted_with_fixes
+@triton.jit
+def _tile_dot_kernel(a_ptr, b_ptr, c_ptr, K: tl.constexpr):
+    r = tl.arange(0, 16)
+    kk = tl.arange(0, K)
+    a = tl.load(a_ptr + r[:, None] * K + kk[None, :])
+    b = tl.load(b_ptr + kk[:, None] * 64 + tl.arange(0, 64)[None, :])
+    tl.store(c_ptr + r[:, None] * 64 + tl.arange(0, 64)[None, :], tl.dot(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dot_rows_do_not_depend_on_other_rows(dtype):
+    """A row's dot result is bitwise the same whatever the tile's other rows hold (as on a tensor
+    core), and is the fp64 product rounded once to fp32."""
+    g = torch.Generator().manual_seed(1)
+    K = 64
+    a = (30 * torch.randn(16, K, generator=g)).to(dtype)
+    b = torch.randn(K, 64, generator=g).to(dtype)
+    full = torch.empty(16, 64)
+    _tile_dot_kernel[(1,)](a, b, full, K=K)
+    for r in (0, 7, 15):
+        alone_a = torch.zeros_like(a)
+        alone_a[0] = a[r]
+        alone = torch.empty(16, 64)
+        _tile_dot_kernel[(1,)](alone_a, b, alone, K=K)
+        assert torch.equal(alone[0], full[r]), r
+    assert torch.equal(full, (a.double() @ b.double()).float())
 
 
 @pytest.mark.parametrize("values", [
