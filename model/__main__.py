@@ -22,8 +22,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import mm1_kernels as mk  # noqa: E402
-from mm1_kernels._dispatch import BackendUnavailableError, resolve_backend, triton_interpret_enabled  # noqa: E402
-from mm1_kernels._nvtx import nvtx_range  # noqa: E402
+from mm1_kernels import BackendUnavailableError, nvtx_range, resolve_backend, triton_interpret_enabled  # noqa: E402
 
 from .config import MiniMaxM1Config  # noqa: E402
 from .modeling import MiniMaxM1ForCausalLM  # noqa: E402
@@ -137,12 +136,11 @@ def backends_to_compare(device, requested):
     for b in names:
         if b == "torch":
             continue
-        for op, impl in (("lightning_attention", ("torch", "triton", "cuda")),):
-            try:
-                resolve_backend(op, b, device, impl, cuda_op="lightning_prefill_cuda")
-                usable.append(b)
-            except BackendUnavailableError as exc:
-                print(f"backend {b}: not run here ({str(exc).split(': ', 2)[-1]})")
+        try:  # the model's lightning prefill is the op every backend must run
+            resolve_backend("lightning_attention", b, device)
+            usable.append(b)
+        except BackendUnavailableError as exc:
+            print(f"backend {b}: not run here ({str(exc).split(': ', 2)[-1]})")
     return usable
 
 
@@ -256,8 +254,8 @@ def cli(argv=None):
     from .checkpoint import CheckpointError
     try:
         main(argv)
-    except (CheckpointError, ValueError, BackendUnavailableError) as exc:
-        raise SystemExit(f"error: {exc}")
+    except (CheckpointError, ValueError, TypeError, BackendUnavailableError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

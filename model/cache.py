@@ -2,7 +2,8 @@
 
 A slot holds one sequence. Lightning layers keep one fp32 state ``[H, D, D]`` per slot (its
 size does not grow with the context); softmax layers keep keys and values for every position
-up to ``max_len``. ``lengths[s]`` is how many tokens slot s has seen; it lives on the host,
+up to ``max_len``, so a slot holds at most ``max_len`` tokens (prompt plus generated; the model
+refuses more). ``lengths[s]`` is how many tokens slot s has seen; it lives on the host,
 because the model needs it to size attention and to place new tokens without reading the GPU.
 """
 from __future__ import annotations
@@ -11,17 +12,26 @@ from typing import List, Sequence
 
 import torch
 
+from .checks import as_int, as_size
 from .config import MiniMaxM1Config
 
 
 class MiniMaxM1Cache:
     def __init__(self, config: MiniMaxM1Config, num_slots: int, max_len: int,
                  device="cpu", dtype: torch.dtype = torch.bfloat16):
+        if not isinstance(config, MiniMaxM1Config):
+            raise TypeError(f"config must be a MiniMaxM1Config, got {type(config).__name__}")
+        num_slots = as_size(num_slots, "num_slots")
+        max_len = as_size(max_len, "max_len")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype (the keys/values), got {dtype!r}")
         ids = config.layer_ids
         lightning = [i for i in ids if config.is_lightning(i)]
         softmax = [i for i in ids if not config.is_lightning(i)]
         H, D, KVH = config.num_attention_heads, config.head_dim, config.num_key_value_heads
         self.num_slots, self.max_len = num_slots, max_len
+        # What the cache was shaped for: a model checks it before running (see ``check_fits``).
+        self.layout = (tuple(lightning), tuple(softmax), H, D, KVH)
         self._lightning_index = {l: n for n, l in enumerate(lightning)}
         self._softmax_index = {l: n for n, l in enumerate(softmax)}
         # One tensor per kind; a layer's slice [S, ...] is contiguous, as the kernels require.
@@ -40,8 +50,23 @@ class MiniMaxM1Cache:
         n = self._softmax_index[layer_idx]
         return self.keys[n], self.values[n]
 
+    def check_fits(self, config: MiniMaxM1Config, device: torch.device, name: str = "cache") -> None:
+        """ValueError unless this cache was made for ``config``'s layers and shapes, on ``device``."""
+        ids = config.layer_ids
+        want = (tuple(i for i in ids if config.is_lightning(i)), tuple(i for i in ids if not config.is_lightning(i)),
+                config.num_attention_heads, config.head_dim, config.num_key_value_heads)
+        if self.layout != want:
+            raise ValueError(f"{name} was made for another model (layers/heads {self.layout[2:]} of "
+                             f"{len(self.layout[0]) + len(self.layout[1])} layers); make it with model.new_cache")
+        if self.lightning_states.device != torch.device(device):
+            raise ValueError(f"{name} is on {self.lightning_states.device}, the model on {device}")
+
     def reset(self, slots: Sequence[int]) -> None:
         """Free slots: their next prefill starts a new sequence from a zero state."""
+        slots = [as_int(s, "slots") for s in slots]
+        bad = [s for s in slots if not 0 <= s < self.num_slots]
+        if bad:
+            raise ValueError(f"slots must be in [0, {self.num_slots}) (num_slots), got {bad[0]}")
         for s in slots:
             self.lengths[s] = 0
 

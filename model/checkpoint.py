@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 
 import mm1_kernels as mk
 
+from .backends import check_backend
+from .checks import as_int
 from .config import MiniMaxM1Config
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -30,6 +32,8 @@ _EXPERT_RE = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$
 # Buffers other ports save beside the weights; all are derived from the config and recomputed.
 _DERIVED = (".self_attn.slope_rate", ".self_attn.query_decay", ".self_attn.key_decay",
             ".self_attn.diagonal_decay", ".rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+# safetensors dtype names of floating tensors; every weight of the model is floating.
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _RENAMED = {"mlp.gate.weight": "block_sparse_moe.gate.weight",
             "mlp.experts.gate_up_proj": "block_sparse_moe.w13",
             "mlp.experts.down_proj": "block_sparse_moe.w2"}
@@ -40,17 +44,33 @@ class CheckpointError(ValueError):
 
 
 def parse_layers(layers, num_layers: int) -> Optional[List[int]]:
-    """None | "a:b" | (a, b) | range | list -> sorted global indices (a:b and (a, b) are half-open)."""
+    """None | "a:b" | (a, b) | range | list -> sorted global indices (a:b and (a, b) are half-open).
+
+    Refuses (naming ``layers``) an empty selection, an index outside ``[0, num_layers)`` and a
+    repeated index.
+    """
     if layers is None:
         return None
+    given = layers
     if isinstance(layers, str):
-        a, _, b = layers.partition(":")
-        layers = range(int(a) if a else 0, int(b) if b else num_layers)
+        a, colon, b = layers.partition(":")
+        try:
+            if not colon:
+                raise ValueError
+            layers = range(int(a) if a.strip() else 0, int(b) if b.strip() else num_layers)
+        except ValueError:
+            raise ValueError(f"layers must look like 'a:b' (half-open, either end optional), "
+                             f"got {given!r}") from None
     elif isinstance(layers, tuple) and len(layers) == 2:
-        layers = range(layers[0], layers[1])
-    out = sorted(int(i) for i in layers)
+        layers = range(as_int(layers[0], "layers"), as_int(layers[1], "layers"))
+    elif isinstance(layers, (bytes, float, int)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be None, 'a:b', (a, b), a range or a list of ints, got {given!r}")
+    out = sorted(as_int(i, "layers") for i in layers)
     if not out or out[0] < 0 or out[-1] >= num_layers:
-        raise ValueError(f"layers must be a non-empty range within [0, {num_layers}), got {layers}")
+        raise ValueError(f"layers must be a non-empty selection within [0, {num_layers}), got {given!r}")
+    if len(set(out)) != len(out):
+        dup = sorted({i for i in out if out.count(i) > 1})
+        raise ValueError(f"layers must not repeat an index, got {dup} more than once in {given!r}")
     return out
 
 
@@ -226,7 +246,12 @@ def load_state_into(model, path: str, strict: bool = True, progress: bool = Fals
                         raise CheckpointError(f"unexpected tensor {key!r} in {file}: not part of a "
                                               f"MiniMax-M1 model with this config")
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                stored = f.get_slice(key)
+                dtype = stored.get_dtype()
+                if dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"tensor {key!r} in {file} is stored as {dtype}; a weight must "
+                                          f"be a floating tensor ({', '.join(_FLOAT_DTYPES)})")
+                shape = tuple(stored.get_shape())
                 want = loader.expected_shape(t)
                 if shape != want:
                     raise CheckpointError(f"tensor {key!r} in {file} has shape {list(shape)}, "
@@ -248,18 +273,25 @@ def _natural(s: str):
     return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
 
 
-def load_pretrained(cls, path: str, dtype=torch.bfloat16, layers=None, device="cuda", backend=None,
+def load_pretrained(cls, path: str, dtype=torch.bfloat16, layers=None, device=None, backend=None,
                     quantize_experts: bool = False, progress: bool = False, strict: bool = True):
     """Build ``cls`` on the meta device, allocate it on ``device`` and fill it tensor by tensor.
 
-    ``layers``: GLOBAL layer indices to keep (list/range, ``"a:b"`` or ``(a, b)``, half-open);
-    the slice keeps the checkpoint's ``num_hidden_layers``, so slopes and layer types are those
-    of the full model. The router weight stays fp32 (the router runs in fp32).
+    ``layers``: GLOBAL layer indices to keep (list/range, ``"a:b"`` or ``(a, b)``, half-open;
+    distinct, within the checkpoint); the slice keeps the checkpoint's ``num_hidden_layers``, so
+    slopes and layer types are those of the full model. The router weight stays fp32 (the
+    router runs in fp32). ``device=None``: ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+    Every tensor of the model is read from the checkpoint (a missing one is an error), so a
+    loaded model holds no uninitialized memory.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_backend(backend, "backend")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint_files(path)  # a missing directory or broken index fails before anything is built
     try:
         config = MiniMaxM1Config.from_pretrained(path)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # the message names the file and the field
         raise CheckpointError(str(exc)) from exc
     wanted = parse_layers(layers, config.num_hidden_layers)
     if wanted is not None:
@@ -268,7 +300,6 @@ def load_pretrained(cls, path: str, dtype=torch.bfloat16, layers=None, device="c
             raise CheckpointError(f"layers {sorted(set(wanted) - have)} are not in the checkpoint {path} "
                                   f"(it holds {config.layer_ids if config.layers else 'all'})")
         config.layers = wanted
-    device = torch.device(device)
     with torch.device("meta"):
         model = cls(config, backend=backend)
     model.to(dtype)  # slopes, RoPE frequencies and the router stay fp32

@@ -11,7 +11,8 @@ import torch
 
 import mm1_kernels as mk
 
-from .modeling import op_backend
+from .backends import op_backend
+from .checks import as_int, prompt_list, token_ids
 
 M1_TEMPERATURE, M1_TOP_P = 1.0, 0.95
 
@@ -21,7 +22,7 @@ def select_next(model, hidden: torch.Tensor, temperature: float, top_p: float, t
     """Next token and its logprob for each row of ``hidden [N, hidden]`` (after the final norm)."""
     tokens, logprobs = mk.head_sample(hidden, model.lm_head.weight, temperature=temperature, top_p=top_p,
                                       top_k=top_k, generator=generator,
-                                      backend=op_backend("head", model.backend))
+                                      backend=op_backend("head_sample", model.backend))
     return tokens.long(), logprobs
 
 
@@ -34,7 +35,9 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     """Generate up to ``max_new_tokens`` tokens for each prompt.
 
     Args:
-        input_ids: LongTensor ``[B, T]`` (equal lengths) or a list of 1-D prompts (any lengths).
+        input_ids: int tensor ``[B, T]`` (equal lengths) or a non-empty list of non-empty 1-D
+            prompts (any lengths); ids in ``[0, vocab_size)``.
+        max_new_tokens: an int >= 0 (0 returns the prompts).
         stop_tokens: a sequence stops after emitting one of these (it is kept in the output).
         callback: called as ``callback(step, tokens)`` after each new token; ``tokens [B]`` are
             the new tokens (``pad_token_id`` for finished rows). Returning False stops generation.
@@ -44,19 +47,32 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     input, a list of 1-D tensors (without padding) for list input; with ``return_logprobs``
     also the fp32 logprobs of the new tokens ``[B, n]``.
     """
+    V = model.config.vocab_size
     as_tensor = isinstance(input_ids, torch.Tensor)
-    prompts = list(input_ids) if as_tensor else [torch.as_tensor(p, dtype=torch.long).reshape(-1)
-                                                 for p in input_ids]
+    if as_tensor:
+        input_ids = token_ids(input_ids, V, "input_ids", ndim=2)
+    prompts = prompt_list(input_ids, V, "input_ids", check=not as_tensor)
+    max_new_tokens = as_int(max_new_tokens, "max_new_tokens")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     B = len(prompts)
-    stops = torch.tensor(sorted(set(stop_tokens or [])), dtype=torch.long, device=model.device)
-    pad = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.numel() else 0)
+    stop_list = [] if stop_tokens is None else [as_int(t, "stop_tokens") for t in stop_tokens]
+    bad = [t for t in stop_list if not 0 <= t < V]
+    if bad:
+        raise ValueError(f"stop_tokens must be token ids in [0, {V}), got {bad[0]}")
+    if pad_token_id is not None:
+        pad_token_id = as_int(pad_token_id, "pad_token_id")
+        if not 0 <= pad_token_id < V:  # finished rows keep decoding their pad token
+            raise ValueError(f"pad_token_id must be a token id in [0, {V}), got {pad_token_id}")
+    stops = torch.tensor(sorted(set(stop_list)), dtype=torch.long, device=model.device)
+    pad = pad_token_id if pad_token_id is not None else (min(stop_list) if stop_list else 0)
     max_len = max(int(p.numel()) for p in prompts) + max_new_tokens
     cache = model.new_cache(B, max_len)
     out_tokens, out_lp = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
     if max_new_tokens > 0:
         # The head runs in select_next (mk.head_sample): prefill's own logits would be unused.
-        hidden = model.prefill(prompts, cache, return_logits=False).hidden_states
+        hidden = model.prefill(prompts, cache, return_logits=False, check_ids=False).hidden_states
         for step in range(max_new_tokens):
             tok, lp = select_next(model, hidden, temperature, top_p, top_k, generator)
             tok = torch.where(finished, torch.full_like(tok, pad), tok)
@@ -69,7 +85,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
             # Finished rows keep decoding (their outputs are discarded): no ragged batch, no sync.
-            hidden = model.decode(tok, cache, return_logits=False).hidden_states
+            # sampled ids (and the checked pad) are in the vocabulary: no per-step host check
+            hidden = model.decode(tok, cache, return_logits=False, check_ids=False).hidden_states
     new = (torch.stack(out_tokens, 1) if out_tokens
            else torch.empty(B, 0, dtype=torch.long, device=model.device))
     lps = torch.stack(out_lp, 1) if out_lp else torch.empty(B, 0, device=model.device)

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import mm1_kernels as mk
-from mm1_kernels._nvtx import nvtx_range
+from mm1_kernels import nvtx_range
 
+from .backends import check_backend, op_backend
 from .cache import MiniMaxM1Cache
+from .checks import as_id_tensor, as_int, prompt_list, slot_list, token_ids
 from .config import MiniMaxM1Config
+from .generation import generate as _generate
 
 HEAD_VOCAB_CHUNK = 32768  # rows of lm_head upcast to fp32 at a time in the full-logits path
 
@@ -29,6 +32,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """M1's RMSNorm: normalize in fp32, round to x's dtype, then scale."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _fill_normal(t: torch.Tensor, std: float, mean: float, generator: torch.Generator) -> None:
+    """``t`` <- N(mean, std²) drawn in fp32 by ``generator``; a 3-D (expert) stack one expert at a
+    time, so no fp32 copy of a whole stack exists."""
+    if t.dim() == 3:
+        for e in range(t.shape[0]):
+            _fill_normal(t[e], std, mean, generator)
+        return
+    t.copy_((torch.randn(t.shape, generator=generator, device=t.device) * std + mean).to(t.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -51,32 +64,6 @@ def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(h, weight)
     return torch.cat([F.linear(h, weight[i:i + HEAD_VOCAB_CHUNK].float())
                       for i in range(0, weight.shape[0], HEAD_VOCAB_CHUNK)], dim=-1)
-
-
-def _implemented_backends() -> dict:
-    from mm1_kernels.head import api as head_api
-    from mm1_kernels.lightning import api as lightning_api
-    from mm1_kernels.moe import api as moe_api
-    return {"lightning_attention": lightning_api.PREFILL_BACKENDS,
-            "lightning_decode": lightning_api.DECODE_BACKENDS,
-            "moe_route": moe_api.ROUTE_BACKENDS, "fused_moe": moe_api.FUSED_MOE_BACKENDS,
-            "head": head_api.HEAD_BACKENDS}
-
-
-try:
-    IMPLEMENTED_BACKENDS = _implemented_backends()
-except (ImportError, AttributeError):  # pragma: no cover - an op package without the constant
-    IMPLEMENTED_BACKENDS = {}
-
-
-def op_backend(op: str, backend: Optional[str]) -> Optional[str]:
-    """The model's backend for one op: as asked when the op has it, else the op's automatic choice.
-
-    Like ``MM1_BACKEND``: ``backend="cuda"`` runs the CUDA kernels that exist and lets an op that
-    has none pick its fastest. A backend the op has but that cannot run still raises.
-    """
-    impl = IMPLEMENTED_BACKENDS.get(op)
-    return backend if backend is None or impl is None or backend in impl else None
 
 
 @dataclass
@@ -275,6 +262,19 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(w2_q, requires_grad=False)
         self.w13_scale, self.w2_scale = s13, s2
 
+    @torch.no_grad()
+    def refill_int8_(self, std: float, generator: torch.Generator):
+        """int8 experts re-drawn: N(0, std²) float weights, quantized one expert at a time."""
+        E, I2, Hd = self.w13.shape
+        for e in range(E):
+            w13 = torch.randn(1, I2, Hd, generator=generator, device=self.w13.device) * std
+            w2 = torch.randn(1, Hd, I2 // 2, generator=generator, device=self.w2.device) * std
+            q13, s13, q2, s2 = mk.quantize_moe_weights(w13, w2)
+            self.w13[e].copy_(q13[0])
+            self.w13_scale[e].copy_(s13[0])
+            self.w2[e].copy_(q2[0])
+            self.w2_scale[e].copy_(s2[0])
+
     def dequantized(self):
         """``(w13, w2)`` in float (the stored weights, or int8 times scales)."""
         if not self.quantized:
@@ -352,22 +352,48 @@ class MiniMaxM1ForCausalLM(nn.Module):
     """MiniMax-M1 (or a slice of its layers) with an FP32 head.
 
     ``backend`` (None | "torch" | "triton" | "cuda") goes to every mm1_kernels op; an op that
-    lacks that backend uses its automatic choice (see :func:`op_backend`).
+    lacks that backend uses its automatic choice (see :func:`mm1_model.backends.op_backend`).
+    An unknown name is refused here and whenever ``model.backend`` is set.
+
+    Weights of a model built from a config alone are initialized deterministically
+    (:meth:`init_weights_` with ``seed=0``: every linear, expert and embedding weight drawn from
+    N(0, ``config.initializer_range``²) by a generator seeded on the weights' device, every norm
+    weight 1), so two models built from the same config on the same device are bitwise equal and
+    none holds uninitialized memory. On the ``meta`` device there is nothing to initialize:
+    ``to_empty`` then gives uninitialized storage, as for any ``nn.Module``; fill it with
+    :meth:`init_weights_` (or :meth:`init_random_`) or load a checkpoint (:meth:`from_pretrained`
+    builds on meta and fills every tensor from the files).
     """
 
     def __init__(self, config: MiniMaxM1Config, backend: Optional[str] = None):
         super().__init__()
+        if not isinstance(config, MiniMaxM1Config):
+            raise TypeError(f"config must be a MiniMaxM1Config, got {type(config).__name__}")
+        config.validate()  # fields may have changed since the config was made
         self.config = config
         self.backend = backend
         self.model = MiniMaxM1Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not self.lm_head.weight.is_meta:
+            self.init_weights_(seed=0)
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self._backend = check_backend(value, "backend")
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, layers=None,
-                        device="cuda", backend: Optional[str] = None, quantize_experts: bool = False,
-                        progress: bool = False) -> "MiniMaxM1ForCausalLM":
-        """Load M1's checkpoint format (see ``checkpoint.load_checkpoint``)."""
+                        device=None, backend: Optional[str] = None, quantize_experts: bool = False,
+                        progress: bool = False) -> MiniMaxM1ForCausalLM:
+        """Load M1's checkpoint format (see ``checkpoint.load_pretrained``).
+
+        ``device=None``: ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+        """
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, layers=layers, device=device, backend=backend,
                                quantize_experts=quantize_experts, progress=progress)
@@ -384,16 +410,33 @@ class MiniMaxM1ForCausalLM(nn.Module):
         return self
 
     @torch.no_grad()
+    def init_weights_(self, seed: int = 0):
+        """transformers-style init: linear, expert and embedding weights ~ N(0, initializer_range²),
+        norm weights 1; drawn by a generator seeded with ``seed`` on the weights' device (so the
+        same on every run there). The constructor calls it with ``seed=0``. int8 experts are
+        re-quantized from fresh float draws."""
+        seed = as_int(seed, "seed")
+        std = self.config.initializer_range
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                raise ValueError("the model is on the meta device: move it with to_empty(device=...) first")
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif p.is_floating_point():
+                _fill_normal(p, std, 0.0, g)
+        for m in self.modules():
+            if isinstance(m, SparseMoE) and m.quantized:
+                m.refill_int8_(std, g)
+        return self
+
+    @torch.no_grad()
     def init_random_(self, seed: int = 0):
         """Random weights with O(1) activations (std 1/sqrt(fan_in)), for tests and demos."""
-        g = torch.Generator(device=self.device).manual_seed(seed)  # drawn where the weights live
+        g = torch.Generator(device=self.device).manual_seed(as_int(seed, "seed"))  # where the weights live
 
         def fill(t, std, mean=0.0):
-            if t.dim() == 3:  # one expert at a time: no fp32 copy of a whole expert stack
-                for e in range(t.shape[0]):
-                    fill(t[e], std, mean)
-                return
-            t.copy_((torch.randn(t.shape, generator=g, device=t.device) * std + mean).to(t.dtype))
+            _fill_normal(t, std, mean, g)
 
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
@@ -421,6 +464,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def new_cache(self, num_slots: int, max_len: int) -> MiniMaxM1Cache:
+        """A cache of ``num_slots`` sequences of up to ``max_len`` tokens each, on the model's device."""
         return MiniMaxM1Cache(self.config, num_slots, max_len, device=self.device, dtype=self.dtype)
 
     # ---------------------------------------------------------------- head
@@ -429,16 +473,32 @@ class MiniMaxM1ForCausalLM(nn.Module):
 
     def logprobs(self, input_ids: torch.Tensor, temperature: float = 1.0):
         """Per-token logprobs of ``input_ids[:, 1:]`` through mk.head_logprobs (no [T, V] tensor)."""
-        hidden = self(input_ids, return_logits=False).hidden_states
+        input_ids = self._ids(input_ids, "input_ids", ndim=2)
+        hidden = self(input_ids, return_logits=False, check_ids=False).hidden_states
         B, T, Hd = hidden.shape
         targets = torch.cat([input_ids[:, 1:], input_ids.new_full((B, 1), -100)], 1).reshape(-1)
         out = mk.head_logprobs(hidden.reshape(-1, Hd), self.lm_head.weight, targets,
-                               temperature=temperature, backend=op_backend("head", self.backend))
+                               temperature=temperature, backend=op_backend("head_logprobs", self.backend))
         return out.logprobs.view(B, T)[:, :-1]
 
     # ---------------------------------------------------------------- forward passes
-    def forward(self, input_ids: torch.Tensor, return_logits: bool = True) -> CausalLMOutput:
-        """Equal-length batch ``[B, T]``, no cache; logits fp32 ``[B, T, V]``."""
+    def _ids(self, ids, name: str, ndim: int, check: bool = True) -> torch.Tensor:
+        """Checked int64 token ids on the model's device (see ``mm1_model.checks``)."""
+        return token_ids(ids, self.config.vocab_size, name, ndim=ndim, check=check).to(self.device)
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, MiniMaxM1Cache):
+            raise TypeError(f"cache must be a MiniMaxM1Cache (model.new_cache), got {type(cache).__name__}")
+        cache.check_fits(self.config, self.device)
+
+    def forward(self, input_ids: torch.Tensor, return_logits: bool = True,
+                check_ids: bool = True) -> CausalLMOutput:
+        """Equal-length batch ``[B, T]`` of int token ids, no cache; logits fp32 ``[B, T, V]``.
+
+        Ids must be in ``[0, vocab_size)``; checking reads two numbers back from the device (one
+        sync per call); ``check_ids=False`` skips that when the caller guarantees the range.
+        """
+        input_ids = self._ids(input_ids, "input_ids", ndim=2, check=check_ids)
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device).expand(B, T)
         with nvtx_range("mm1.forward"):
@@ -446,37 +506,34 @@ class MiniMaxM1ForCausalLM(nn.Module):
             logits = self.logits_from_hidden(hidden) if return_logits else None
         return CausalLMOutput(logits, hidden)
 
-    def _slots_tensor(self, slot_ids, n: int) -> List[int]:
-        slots = list(range(n)) if slot_ids is None else [int(s) for s in slot_ids]
-        if len(slots) != n or len(set(slots)) != n:
-            raise ValueError(f"need {n} distinct slot ids, got {slots}")
-        return slots
-
     @torch.no_grad()
     def prefill(self, prompts: Sequence, cache: MiniMaxM1Cache, slot_ids=None,
-                all_logits: bool = False, return_logits: bool = True) -> CausalLMOutput:
+                all_logits: bool = False, return_logits: bool = True, check_ids: bool = True) -> CausalLMOutput:
         """Varlen prefill: N prompts of different lengths in one packed pass.
 
-        A slot with cached tokens continues its sequence (chunked prefill); a slot whose length
-        is 0 starts fresh. Returns fp32 logits of each prompt's last token ``[N, V]`` (or of every
-        packed token ``[sum(len), V]`` with ``all_logits``; None without ``return_logits``) and
-        the matching hidden states.
+        ``prompts``: a non-empty list of non-empty 1-D int token sequences (or an ``[N, T]``
+        tensor); ``slot_ids``: N distinct slots of ``cache`` (default 0..N-1). A slot with cached
+        tokens continues its sequence (chunked prefill); a slot whose length is 0 starts fresh.
+        Returns fp32 logits of each prompt's last token ``[N, V]`` (or of every packed token
+        ``[sum(len), V]`` with ``all_logits``; None without ``return_logits``) and the matching
+        hidden states. ``check_ids=False`` skips the vocabulary range check (see :meth:`forward`).
         """
         dev = self.device
-        seqs = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+        self._check_cache(cache)
+        seqs = prompt_list(prompts, self.config.vocab_size, "prompts", check=check_ids)
         n = len(seqs)
         lens = [int(s.numel()) for s in seqs]
-        if n == 0 or min(lens) == 0:
-            raise ValueError(f"prefill needs at least one non-empty prompt, got lengths {lens}")
-        slots = self._slots_tensor(slot_ids, n)
+        slots = slot_list(slot_ids, n, cache.num_slots, "prompts")
         prev = [cache.lengths[s] for s in slots]
         totals = [p + l for p, l in zip(prev, lens)]
         if max(totals) > cache.max_len:
-            raise ValueError(f"prefill needs {max(totals)} positions, the cache holds {cache.max_len}")
+            i = totals.index(max(totals))
+            raise ValueError(f"cache too short: prompt {i} needs {totals[i]} positions in slot {slots[i]} "
+                             f"({prev[i]} cached + {lens[i]} new), the cache's max_len is {cache.max_len}")
         fresh = [s for s, p in zip(slots, prev) if p == 0]
         if fresh:
             cache.lightning_states[:, fresh] = 0
-        ids = torch.cat(seqs).to(dev)[None]                                   # [1, Ttot]
+        ids = torch.cat([s.to(dev) for s in seqs])[None]                                   # [1, Ttot]
         lens_t = torch.tensor(lens, device=dev)
         cu = torch.zeros(n + 1, dtype=torch.int32, device=dev)
         cu[1:] = torch.cumsum(lens_t, 0)
@@ -504,17 +561,26 @@ class MiniMaxM1ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: MiniMaxM1Cache, slot_ids=None,
-               return_logits: bool = True) -> CausalLMOutput:
-        """One token for each of B slots; returns fp32 logits ``[B, V]``."""
+               return_logits: bool = True, check_ids: bool = True) -> CausalLMOutput:
+        """One int token for each of B slots (``tokens [B]``, or ``[B, 1]``); returns fp32 logits
+        ``[B, V]``. ``slot_ids``: B distinct prefilled slots of ``cache`` (default 0..B-1).
+        ``check_ids=False`` skips the vocabulary range check (see :meth:`forward`)."""
         dev = self.device
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=dev).reshape(-1)
+        self._check_cache(cache)
+        tokens = as_id_tensor(tokens, "tokens")
+        if tokens.dim() == 2 and tokens.shape[1] == 1:
+            tokens = tokens[:, 0]
+        tokens = self._ids(tokens, "tokens", ndim=1, check=check_ids)
         B = tokens.numel()
-        slots = self._slots_tensor(slot_ids, B)
+        slots = slot_list(slot_ids, B, cache.num_slots, "tokens")
         pos = [cache.lengths[s] for s in slots]
         if min(pos) == 0:
-            raise ValueError("decode needs a prefilled slot (length 0 found); prefill first")
+            s = slots[pos.index(0)]
+            raise ValueError(f"slot_ids: decode needs prefilled slots, slot {s} holds no tokens; "
+                             f"prefill it first")
         if max(pos) >= cache.max_len:
-            raise ValueError(f"the cache is full ({cache.max_len} positions)")
+            s = slots[pos.index(max(pos))]
+            raise ValueError(f"cache too short: slot {s} is full (max_len {cache.max_len} positions)")
         pos_t = torch.tensor(pos, device=dev)
         slots_t = torch.tensor(slots, dtype=torch.int32, device=dev)
         ar = torch.arange(B, device=dev)
@@ -532,8 +598,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
                  top_k: int = 0, stop_tokens=None, callback=None, generator=None, pad_token_id=None,
                  return_logprobs: bool = False):
         """Greedy (``temperature=0``) or sampled generation; see ``mm1_model.generation.generate``."""
-        from .generation import generate
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        return _generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, stop_tokens=stop_tokens, callback=callback, generator=generator,
                         pad_token_id=pad_token_id, return_logprobs=return_logprobs)
 
