@@ -1,8 +1,10 @@
 """python -m bench [lightning|moe|head|model|all] [...]: ceilings, then every op's grid.
 
-On a GPU: the M1-shaped grids, results written to bench/results/. Without CUDA: tiny grids,
-torch backend (Triton too when TRITON_INTERPRET=1), host-timer medians, results written to a
-temporary directory unless --out or --save says otherwise; the numbers check the harness only.
+On a GPU: the M1-shaped grids. Without CUDA: a smoke run by default (tiny grids, the first
+point of each line, one call per implementation; --no-smoke times the whole tiny grid), torch
+backend (Triton too when TRITON_INTERPRET=1), host-timer medians; the numbers check the harness
+only. Results go to this checkout's bench/results/ (CPU runs as *_cpu.json, git-ignored)
+unless --out says otherwise; ``python -m bench.report`` then renders them.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import dataclasses
 import importlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +28,6 @@ def parse_args(argv=None):
     ap.add_argument("ops", nargs="*", default=["all"], choices=OPS + ("all",), metavar="OP",
                     help=f"one or more of {', '.join(OPS)}, or all (default)")
     ap.add_argument("--out", type=Path, help="directory for the results JSON")
-    ap.add_argument("--save", action="store_true", help=f"write to {common.RESULTS_DIR} even on CPU")
     ap.add_argument("--tiny", action="store_true", help="tiny grids (the default without CUDA)")
     ap.add_argument("--backends", type=lambda s: s.split(","), help="comma list of mm1 backends")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip peer implementations")
@@ -36,8 +36,9 @@ def parse_args(argv=None):
                     help="layers of the model benchmark (M1 widths; 2 = one lightning, one softmax)")
     ap.add_argument("--warmup-ms", type=float, help="warm-up per implementation (default 25 GPU, 10 CPU)")
     ap.add_argument("--rep-ms", type=float, help="timed repetitions budget (default 100 GPU, 30 CPU)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny grids, first point of each line, one warm-up and one timed call (CI)")
+    ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=None,
+                    help="tiny grids, first point of each line, one warm-up and one timed call "
+                         "(default without CUDA: the numbers would mean nothing anyway)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     if "all" in args.ops:
@@ -48,6 +49,7 @@ def parse_args(argv=None):
 def run(args) -> tuple[dict, Path]:
     device = common.bench_device()
     cpu = device.type != "cuda"
+    args.smoke = cpu if args.smoke is None else args.smoke
     args.tiny = args.tiny or args.smoke or cpu
     policy = common.Policy.for_device(device, args.smoke)
     policy.warmup_ms = policy.warmup_ms if args.warmup_ms is None else args.warmup_ms
@@ -77,7 +79,9 @@ def run(args) -> tuple[dict, Path]:
             seen = set()
             grid = [c for c in grid if (c.kind, c.series) not in seen and not seen.add((c.kind, c.series))]
         plan = [(case, module.impls(case, device, args)) for case in grid]
-        bar = common.progress_bar(sum(len(i) for _, i in plan), f"bench {op}", args.progress)
+        from mm1_kernels.progress import progress_bar
+        bar = progress_bar(total=sum(len(i) for _, i in plan), desc=f"bench {op}",
+                           enabled=args.progress, unit="impl")
         op_rows = []
         for case, impl_list in plan:
             op_rows += common.run_case(
@@ -98,9 +102,7 @@ def run(args) -> tuple[dict, Path]:
                                "timing": dataclasses.asdict(policy), "peers": args.peers,
                                "backends": args.backends, "model_layers": args.model_layers},
                   "cases": rows}
-    out_dir = args.out or (common.RESULTS_DIR if (args.save or not cpu)
-                           else Path(tempfile.mkdtemp(prefix="mm1-bench-")))
-    path = common.write_results(run_record, out_dir)
+    path = common.write_results(run_record, args.out or common.RESULTS_DIR)
     print(f"results: {path}")
     if cpu:
         print(common.CPU_WARNING)

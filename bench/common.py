@@ -15,7 +15,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -23,8 +22,10 @@ from typing import Callable
 
 import torch
 
+# bench/ runs from a checkout (``python -m bench`` in its root), never from an installation:
+# results go to this checkout's bench/results/ (CPU runs as *_cpu.json, which git ignores).
 REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA_VERSION = 1
 CPU_WARNING = "CPU run: numbers are not GPU performance (tiny sizes, torch backend; harness check only)"
 
@@ -51,6 +52,14 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _mm1_version() -> str | None:
+    try:
+        import mm1_kernels as mk
+    except Exception:
+        return None
+    return mk.__version__
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -69,7 +78,7 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "mm1_kernels": _version("mm1_kernels"),
+        "mm1_kernels": _mm1_version(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
@@ -273,8 +282,7 @@ def run_case(case: Case, cost_of: Callable[[dict | None], Cost], make_inputs: Ca
     ``cost_of(inputs)`` counts the case's FLOPs and bytes (from the first input set, or None
     when the inputs could not be made).
     """
-    from mm1_kernels._dispatch import BackendUnavailableError
-    from mm1_kernels._nvtx import nvtx_range
+    from mm1_kernels import BackendUnavailableError, nvtx_range
 
     rows = []
     sets: list[dict] = []
@@ -336,26 +344,6 @@ def run_case(case: Case, cost_of: Callable[[dict | None], Cost], make_inputs: Ca
 
 # --------------------------------------------------------------------------- output
 
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)
-    except ImportError:
-        class _Plain:
-            def __init__(self):
-                self.n = 0
-
-            def update(self, k):
-                self.n += k
-                if enabled:
-                    print(f"\r{desc}: {self.n}/{total}", end="", file=sys.stderr, flush=True)
-
-            def close(self):
-                if enabled:
-                    print(file=sys.stderr)
-        return _Plain()
-
-
 def format_row(row: dict) -> str:
     shape = ",".join(f"{k}={v}" for k, v in row["params"].items())
     shape = shape if len(shape) <= 44 else shape[:43] + "…"
@@ -370,7 +358,8 @@ def format_row(row: dict) -> str:
 def write_results(run: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = run["created"].replace(":", "").replace("-", "")[:15]
-    name = f"{stamp}_{device_slug(run['env']['device_name'])}_{'-'.join(run['ops'])}.json"
+    cpu = "_cpu" if run["cpu_run"] else ""  # *_cpu.* is git-ignored: CPU runs check the harness only
+    name = f"{stamp}_{device_slug(run['env']['device_name'])}_{'-'.join(run['ops'])}{cpu}.json"
     path = out_dir / name
     path.write_text(json.dumps(run, indent=1, default=str))
     return path
@@ -378,6 +367,14 @@ def write_results(run: dict, out_dir: Path) -> Path:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def mm1_backends(op: str, args) -> tuple:
+    """The mm1 backends to time for the public op ``op``: ``--backends`` if given, else every
+    backend the op implements (from the registry; one that cannot run here gives a skipped row)."""
+    import mm1_kernels as mk
+
+    return tuple(args.backends) if getattr(args, "backends", None) else mk.available_backends(op)
 
 
 def missing_names(module: str, *names: str) -> str | None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .common import Case, Cost, Impl, missing_names
+from .common import Case, Cost, Impl, missing_names, mm1_backends
 
 OP = "head"
 MEASURE_MEMORY = True
 IGNORE = -100
 
+MM1_OPS = {"logprobs": "head_logprobs", "logprobs_fwd_bwd": "head_logprobs",  # kind -> public op
+           "sample": "head_sample"}
 
 def unavailable() -> str | None:
     return missing_names("mm1_kernels", "head_logprobs", "head_sample")
@@ -74,8 +76,8 @@ def _grads(loss, i):
 def impls(case: Case, device: torch.device, args) -> list[Impl]:
     import mm1_kernels as mk
 
-    backends = args.backends or ("torch", "triton", "cuda")
     kind = case.kind
+    backends = mm1_backends(MM1_OPS[kind], args)
     if kind == "sample":
         out = [Impl(b, "backend", lambda i, b=b: mk.head_sample(
             i["hidden"], i["weight"], temperature=1.0, backend=b)) for b in backends]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import RESULTS_DIR
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=32, help="tokens per block (memory bound)")
     ap.add_argument("--out", type=Path,
-                    default=RESULTS / ("head_precision.png" if cuda else "head_precision_cpu.png"))
+                    default=RESULTS_DIR / ("head_precision.png" if cuda else "head_precision_cpu.png"))
     ap.add_argument("--no-mm1", action="store_true", help="skip mk.head_logprobs")
     return ap.parse_args(argv)
 
@@ -113,9 +113,7 @@ def main(argv=None):
     targets = torch.cat(targets)
     if not args.no_mm1:
         import mm1_kernels as mk
-        from mm1_kernels._dispatch import resolve_backend
-        from mm1_kernels.head.api import HEAD_BACKENDS
-        mm1_backend = resolve_backend("head_logprobs", None, device, HEAD_BACKENDS)
+        mm1_backend = mk.resolve_backend("head_logprobs", None, device)
         out = mk.head_logprobs(h, w, targets, backend=mm1_backend)
         lp["mm1"] = out.logprobs.double().cpu()
     p64 = lp["fp64"].exp()

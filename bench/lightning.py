@@ -10,12 +10,12 @@ import math
 
 import torch
 
-from .common import Case, Cost, Impl, missing_names
+from .common import Case, Cost, Impl, missing_names, mm1_backends
 
 OP = "lightning"
 CHUNK = 64                     # the chunk the FLOP count assumes (the Triton kernel's C)
 TORCH_REFERENCE_MAX_TOKENS = 32768  # the reference loops over chunks in Python: slow beyond this
-BACKENDS = ("torch", "triton", "cuda")
+MM1_OPS = {"prefill": "lightning_attention", "decode": "lightning_decode"}  # kind -> public op
 
 
 def unavailable() -> str | None:
@@ -86,7 +86,7 @@ def impls(case: Case, device: torch.device, args) -> list[Impl]:
 
     out = []
     tokens = case.params["B"] * case.params.get("T", 1)
-    for backend in args.backends or BACKENDS:
+    for backend in mm1_backends(MM1_OPS[case.kind], args):
         if backend == "torch" and not args.tiny and tokens > TORCH_REFERENCE_MAX_TOKENS:
             out.append(Impl("torch", "backend", why_not=f"the torch reference is run only up to "
                             f"{TORCH_REFERENCE_MAX_TOKENS} tokens (it loops over chunks in Python)"))

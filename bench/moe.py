@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Case, Cost, Impl, missing_names
+from .common import Case, Cost, Impl, missing_names, mm1_backends
 
 OP = "moe"
 E, TOP_K = 32, 2
-BACKENDS = ("torch", "triton", "cuda")
+MM1_OPS = {"prefill": "fused_moe", "decode": "fused_moe"}  # kind -> public op
 
 
 def unavailable() -> str | None:
@@ -119,7 +119,7 @@ def impls(case: Case, device: torch.device, args) -> list[Impl]:
 
     out = [Impl(b, "backend", lambda i, b=b: mk.fused_moe(
         *_args(i), w13_scale=i["w13_scale"], w2_scale=i["w2_scale"], backend=b))
-        for b in (args.backends or BACKENDS)]
+        for b in mm1_backends("fused_moe", args)]
     if not args.peers:
         return out
     out.append(Impl("per-expert loop", "peer", lambda i: per_expert_loop(

@@ -1,7 +1,10 @@
 """python -m bench.report [FILES or DIRS] [--out DIR] [--readme README.md]
 
-Renders the stored results (default: bench/results/*.json) as one markdown file and PNG plots
-(throughput against the swept size, one line per implementation, the measured ceiling drawn).
+Renders the stored results (default: this checkout's bench/results/*.json, where
+``python -m bench`` writes, so with no arguments it includes the run just made) as markdown and
+PNG plots (throughput against the swept size, one line per implementation, the measured
+ceiling drawn), in --out (default: <first path>/report). GPU devices go to report.md; CPU runs,
+which check the harness only, to report_cpu.md and *_cpu.png (git-ignored like *_cpu.json).
 Per device it keeps the newest row of every (op, case, shape, implementation), so runs of
 single ops combine. With --readme, the README's block between the markers
 ``<!-- bench-results:start -->`` and ``<!-- bench-results:end -->`` is replaced with the
@@ -126,7 +129,7 @@ def plot(devices: dict[str, dict], out_dir: Path) -> dict[tuple, str]:
             title = f"{op} {kind} — {name}"
             fig.suptitle(title + ("\n" + CPU_WARNING if dev["cpu_run"] else ""), fontsize=9)
             fig.tight_layout()
-            path = out_dir / f"{device_slug(name)}_{op}_{kind}.png"
+            path = out_dir / f"{device_slug(name)}_{op}_{kind}{'_cpu' if dev['cpu_run'] else ''}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             made[(name, op, kind)] = path.name
@@ -159,14 +162,19 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     devices = latest_per_device(runs)
     plots = plot(devices, out_dir)
-    md = markdown(devices, plots)
-    (out_dir / "report.md").write_text("# Benchmark results\n\n" + md)
-    print(f"report: {out_dir / 'report.md'} ({len(runs)} runs, {len(devices)} devices, {len(plots)} plots)")
-    if any(d["cpu_run"] for d in devices.values()):
+    gpus = {n: d for n, d in devices.items() if not d["cpu_run"]}
+    cpus = {n: d for n, d in devices.items() if d["cpu_run"]}
+    print(f"newest run: {runs[-1]['_file']} ({runs[-1]['created']})")
+    for name, group in (("report.md", gpus), ("report_cpu.md", cpus)):
+        if group:
+            (out_dir / name).write_text("# Benchmark results\n\n" + markdown(group, plots))
+            n_runs = sum(len(d["runs"]) for d in group.values())
+            n_plots = sum(1 for k in plots if k[0] in group)
+            print(f"report: {out_dir / name} ({n_runs} runs, {len(group)} devices, {n_plots} plots)")
+    if cpus:
         print(CPU_WARNING)
     if args.readme:  # the README shows GPU numbers only: a CPU run checks the harness
         rel = os.path.relpath(out_dir, args.readme.resolve().parent)
-        gpus = {n: d for n, d in devices.items() if not d["cpu_run"]}
         block = (markdown(gpus, {k: f"{rel}/{v}" for k, v in plots.items()}) if gpus else
                  "No GPU results yet: run `python -m bench all` on a GPU, then `python -m bench.report --readme README.md`.")
         update_readme(args.readme, block)

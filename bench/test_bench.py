@@ -11,11 +11,14 @@ import importlib
 import pytest
 import torch
 
+pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (the [bench] extra)")
+
+from mm1_kernels import BACKENDS
+
 from bench.common import bench_device
 
 DEVICE = bench_device()
 CPU = DEVICE.type != "cuda"
-BACKENDS = ("torch", "triton", "cuda")
 # (op, kind, implementation name in bench/<op>.py)
 CASES = [(op, kind, b) for op, kind in (("lightning", "prefill"), ("lightning", "decode"),
                                         ("moe", "prefill"), ("moe", "decode"), ("head", "logprobs"),

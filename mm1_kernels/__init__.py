@@ -1,13 +1,13 @@
 """mm1-kernels: kernels for the MiniMax-M1 architecture.
 
-Every op takes ``backend=None | "torch" | "triton" | "cuda"``; see ``mm1_kernels._dispatch``.
+Every op takes ``backend=None | "torch" | "triton" | "cuda"``. ``available_backends(op)`` and
+``resolve_backend(op, backend, device)`` answer, from the one registry, which backends an op
+has and which one a call would run; ``registered_ops()`` lists the ops. ``nvtx_range(name)``
+is a context manager that marks an NVTX range (a no-op without CUDA or a profiler).
 """
-from ._dispatch import BACKENDS, BackendUnavailableError, triton_interpret_enabled
-
-if triton_interpret_enabled():
-    from ._triton_interpret import patch_interpreter_bf16_dot
-
-    patch_interpreter_bf16_dot()
+from ._dispatch import (BACKENDS, BackendUnavailableError, available_backends, registered_ops,
+                        resolve_backend, triton_interpret_enabled)
+from ._nvtx import nvtx_range
 
 from .lightning import lightning_attention, lightning_decode, lightning_slopes
 from .moe import (dequantize_moe_weight, fused_moe, fused_moe_reference, moe_block_reference,
@@ -17,7 +17,9 @@ from .head import HeadOutput, cispo_loss, head_cispo_loss, head_logprobs, head_s
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError",
+    "__version__",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "registered_ops",
+    "resolve_backend", "triton_interpret_enabled", "nvtx_range",
     "lightning_attention", "lightning_decode", "lightning_slopes",
     "moe_route", "fused_moe", "quantize_moe_weights", "moe_route_reference",
     "fused_moe_reference", "moe_block_reference", "dequantize_moe_weight",

@@ -111,12 +111,22 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.
 
 
 def check_slot_ids(slot_ids: torch.Tensor, batch: int, num_slots: int, device: torch.device) -> None:
-    """Validate ``slot_ids [B]``: integer, on the device, each < ``num_slots`` (negative = padding)."""
+    """Validate ``slot_ids [B]``: integer, on the device, each < ``num_slots`` (negative = padding),
+    and the non-negative ones distinct (two rows updating one slot in place would race).
+
+    One host sync (a copy of the B ids), memoized like :func:`check_cu_seqlens`.
+    """
     check_tensor("slot_ids", slot_ids, dtypes=INDEX_DTYPES, shape=(batch,), device=device, contiguous=True)
     if can_check_device_values(slot_ids) and slot_ids.numel() and not _slot_ids_memo.hit(slot_ids, num_slots):
-        hi = int(slot_ids.max())
+        ids = slot_ids.detach().to("cpu", torch.int64)
+        hi = int(ids.max())
         if hi >= num_slots:
             raise ValueError(f"slot_ids holds {hi} but the state cache has only {num_slots} slots")
+        used = ids[ids >= 0]
+        distinct, counts = torch.unique(used, return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"slot_ids must be distinct (negative padding ids excepted); "
+                             f"repeated: {distinct[counts > 1][:8].tolist()}")
         _slot_ids_memo.remember(slot_ids, num_slots)
 
 

@@ -23,20 +23,12 @@ import time  # noqa: E402
 
 import mm1_kernels as mk  # noqa: E402
 from mm1_kernels import BackendUnavailableError, nvtx_range, resolve_backend, triton_interpret_enabled  # noqa: E402
+from mm1_kernels.progress import progress_bar  # noqa: E402
 
 from .config import MiniMaxM1Config  # noqa: E402
 from .modeling import MiniMaxM1ForCausalLM  # noqa: E402
 
 GiB = 2**30
-
-
-def _progress(iterable, desc, total=None):
-    try:
-        from tqdm import tqdm
-        return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stdout,
-                    disable=not sys.stdout.isatty() and None)
-    except ImportError:
-        return iterable
 
 
 def _sync(device):
@@ -113,7 +105,7 @@ def run_backend(model, backend, prompts, steps, forced_tokens=None, label=""):
     logits, tokens = [out.logits], []
     tok = out.logits.argmax(-1)
     t_decode = 0.0
-    for s in _progress(range(steps), f"decode [{label}]"):
+    for s in progress_bar(range(steps), desc=f"decode [{label}]", file=sys.stdout):
         if forced_tokens is not None:
             tok = forced_tokens[s]
         tokens.append(tok)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import mm1_kernels as mk
+from mm1_kernels.progress import progress_bar
 
 from .backends import check_backend
 from .checks import as_int
@@ -229,7 +230,7 @@ def load_state_into(model, path: str, strict: bool = True, progress: bool = Fals
     for key, fn in weight_map.items():
         by_file.setdefault(fn, []).append(key)
     total = len(weight_map)
-    bar = _progress(total, "loading", progress)
+    bar = progress_bar(total=total, desc="loading", unit="tensor", enabled=progress)
     for fn in sorted(by_file):
         file = os.path.join(path, fn)
         with _open(file) as f:
@@ -364,7 +365,7 @@ def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, progress:
         total += nbytes
     n = len(plan)
     shard_of = {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, names in enumerate(plan) for name in names}
-    bar = _progress(len(shard_of), "saving", progress)
+    bar = progress_bar(total=len(shard_of), desc="saving", unit="tensor", enabled=progress)
     current, current_file = {}, None
     for name, t in checkpoint_tensors(model):
         fn = shard_of[name]
@@ -379,20 +380,3 @@ def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, progress:
     bar.close()
     with open(os.path.join(path, INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": shard_of}, f, indent=2)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if enabled:
-        try:
-            from tqdm import tqdm
-            return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None)
-        except ImportError:
-            pass
-
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
-    return _Null()

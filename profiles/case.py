@@ -17,9 +17,6 @@ import torch
 
 from bench.common import CPU_WARNING, bench_device
 
-AUTO_ORDER = ("cuda", "triton", "torch")
-
-
 def _value(text: str):
     for cast in (int, float):
         try:
@@ -37,7 +34,8 @@ def parse_args(argv=None):
     ap.add_argument("--param", action="append", default=[], metavar="K=V",
                     help="pick the grid point whose params match (e.g. T=32768, dtype=int8)")
     ap.add_argument("--impl", default="auto", help="implementation name as in the bench tables; "
-                    "auto = the fastest mm1 backend that runs (cuda, triton, torch)")
+                    "auto = the mm1 backend that backend=None picks here "
+                    "(mk.resolve_backend), then the op's other backends that can run")
     ap.add_argument("--iters", type=int, default=3, help="calls inside the capture range")
     ap.add_argument("--tiny", action="store_true", help="the tiny grid (default without CUDA)")
     ap.add_argument("--tp", type=int, default=1)
@@ -46,8 +44,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from mm1_kernels import BackendUnavailableError
-    from mm1_kernels._nvtx import nvtx_range
+    import mm1_kernels as mk
+    from mm1_kernels import BackendUnavailableError, nvtx_range
 
     a = parse_args(argv)
     device = bench_device()
@@ -70,7 +68,13 @@ def main(argv=None) -> int:
     case = matches[0]
     impls = {i.name: i for i in module.impls(case, device, args)}
     inputs = module.make_inputs(case, device)
-    names = [n for n in AUTO_ORDER if n in impls] or [next(iter(impls))] if a.impl == "auto" else [a.impl]
+    if a.impl == "auto":
+        mm1_op = getattr(module, "MM1_OPS", {}).get(case.kind)
+        order = ((mk.resolve_backend(mm1_op, None, device),) + mk.available_backends(mm1_op, device)
+                 if mm1_op else ())
+        names = list(dict.fromkeys(n for n in order if n in impls)) or [next(iter(impls))]
+    else:
+        names = [a.impl]
     impl = None
     for name in names:
         if name not in impls:

@@ -1,8 +1,9 @@
 """The benchmark harness, its report and the profiling entry points run end to end on the CPU.
 
-Runs ``python -m bench all --smoke`` in a subprocess with CUDA hidden and the Triton
-interpreter off (tiny grids, torch backend, one call per implementation), then renders the
-report from the JSON it wrote. The numbers mean nothing; the fields and files must exist.
+Runs ``python -m bench all`` in a subprocess from the checkout (bench/ and profiles/ are not
+installed) with CUDA hidden and the Triton interpreter off (without CUDA the default is the
+smoke run: tiny grids, torch backend, one call per implementation), then renders the report
+from the JSON it wrote. The numbers mean nothing; the fields and files must exist.
 """
 import json
 import os
@@ -23,12 +24,14 @@ def _run(*args, cwd=REPO):
 
 
 def test_bench_and_report_end_to_end_on_cpu(tmp_path):
-    out = _run("-m", "bench", "all", "--smoke", "--no-progress", "--out", str(tmp_path))
+    out = _run("-m", "bench", "all", "--no-progress", "--out", str(tmp_path))
     assert "CPU run: numbers are not GPU performance" in out
     files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1
+    assert len(files) == 1 and files[0].name.endswith("_cpu.json"), files  # git-ignored name
     run = json.loads(files[0].read_text())
-    assert run["cpu_run"] is True
+    assert run["cpu_run"] is True and run["settings"]["smoke"] is True
+    import mm1_kernels as mk
+    assert run["env"]["mm1_kernels"] == mk.__version__
     for key in ("device_name", "torch", "triton", "cuda", "git_commit", "sm_count"):
         assert key in run["env"], key
     assert run["ceilings"]["copy_GBps"] > 0 and run["ceilings"]["matmul_bf16_TFLOPs"] > 0
@@ -44,11 +47,13 @@ def test_bench_and_report_end_to_end_on_cpu(tmp_path):
     assert all(c["status"] in ("ok", "skipped", "error", "oom") for c in run["cases"])
 
     report = tmp_path / "report"
-    _run("-m", "bench.report", str(tmp_path), "--out", str(report))
-    md = (report / "report.md").read_text()
+    out = _run("-m", "bench.report", str(tmp_path), "--out", str(report))
+    assert str(files[0]) in out  # it names the run it found
+    assert not (report / "report.md").exists()  # GPU devices only; this run is a CPU run
+    md = (report / "report_cpu.md").read_text()
     assert "CPU run: numbers are not GPU performance" in md
     assert "#### lightning prefill" in md
-    assert list(report.glob("*_lightning_prefill.png"))
+    assert list(report.glob("*_lightning_prefill_cpu.png"))
 
 
 def test_profile_entry_points_without_a_gpu(tmp_path):

@@ -18,14 +18,18 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_dtype, check_tensor
-from .._dispatch import resolve_backend
+from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, can_check_device_values, check_index_range,
+                       check_same_dtype, check_tensor)
+from .._dispatch import register_op, resolve_backend
 from .._nvtx import annotate
-from . import reference
+from . import reference, torch_head
 from .reference import IGNORE_INDEX
 
-HEAD_BACKENDS = ("torch", "triton")
-CISPO_BACKENDS = ("torch",)
+register_op("head_logprobs", backends=("torch", "triton"))
+register_op("head_sample", backends=("torch", "triton"))
+# head_cispo_loss passes its backend to head_logprobs (the loss itself is torch everywhere).
+register_op("head_cispo_loss", backends=("torch", "triton"))
+register_op("cispo_loss", backends=("torch",))
 DEFAULT_EPS_HIGH = 0.2
 
 
@@ -42,7 +46,7 @@ def _forward_impl(hidden, weight, targets, temperature, backend):
     if backend == "triton":
         from .triton_head import head_forward_triton
         return head_forward_triton(hidden, weight, targets, temperature)
-    return reference.head_forward_torch(hidden, weight, targets, temperature)
+    return torch_head.head_forward_torch(hidden, weight, targets, temperature)
 
 
 @torch.library.custom_op("mm1::head_logprobs", mutates_args=())
@@ -72,8 +76,8 @@ def _head_logprobs_backward_op(g_lp: torch.Tensor, g_lse: torch.Tensor, g_ent: t
         from .triton_head import head_backward_triton
         return head_backward_triton(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
                                     temperature, need_dweight=need_dweight)
-    return reference.head_backward_torch(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
-                                         temperature, need_dweight=need_dweight)
+    return torch_head.head_backward_torch(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
+                                          temperature, need_dweight=need_dweight)
 
 
 @_head_logprobs_backward_op.register_fake
@@ -113,8 +117,12 @@ def _check_head_inputs(hidden, weight):
     return device
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+# Tempered logits up to this magnitude keep every backend's fp32 statistics finite (the torch
+# backend forms z - max z, the Triton kernel also m_init - z with m_init = -3e38).
+_SAFE_TEMPERED_LOGIT = 1e37
 # The kernels multiply fp32 logits by 1/temperature: below this it is inf and every output NaN.
-_MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+_MIN_TEMPERATURE = 1.0 / _FP32_MAX
 
 
 def _check_temperature(temperature, allow_zero=False):
@@ -125,6 +133,35 @@ def _check_temperature(temperature, allow_zero=False):
         raise ValueError(f"temperature must be finite and >= {_MIN_TEMPERATURE:.3g}"
                          f"{' (or 0 for greedy)' if allow_zero else ''}, got {temperature}")
     return float(temperature)
+
+
+def _nonfinite_logits(op: str, bad: torch.Tensor, h2: torch.Tensor, weight: torch.Tensor,
+                      temperature: float, inputs_may_be_nonfinite: bool) -> None:
+    """Rows ``bad [rows]`` had non-finite tempered fp32 logits (or statistics): name the cause.
+
+    The temperature is at fault when the same rows' untempered logits are finite (then
+    ``logits / temperature`` overflowed fp32): ValueError naming it. Otherwise hidden or weight
+    hold (or multiply into) NaN/inf: ValueError naming them, unless ``inputs_may_be_nonfinite``
+    (head_logprobs passes NaN inputs through as NaN outputs, at every temperature alike).
+    Runs only on the error path, on at most 8 rows.
+    """
+    rows = bad.nonzero().flatten()
+    shown = rows[:8]
+    where = f"{rows.numel()} row(s) (first {shown.tolist()})"
+    z1 = torch_head.tempered_logits_fp32(h2[shown], weight, 1.0)
+    if not bool(torch.isfinite(z1).all()):
+        if inputs_may_be_nonfinite:
+            return
+        raise ValueError(f"{op}: cannot sample: the logits hidden @ weight.T are NaN or inf in "
+                         f"{where}: hidden or weight holds non-finite values")
+    peak = float(z1.abs().max())
+    if temperature < 1.0:
+        raise ValueError(
+            f"{op}: temperature={temperature:.3g} is too small for these logits: logits / temperature "
+            f"overflows fp32 in {where}; max |logit| there is {peak:.3g}; keep max|logit| / "
+            f"temperature below ~1e37, i.e. temperature above ~{peak / _SAFE_TEMPERED_LOGIT:.3g}")
+    raise ValueError(f"{op}: cannot sample: the logits hidden @ weight.T reach {peak:.3g} in {where}, "
+                     f"beyond the fp32 range the head supports (1e37): hidden or weight is out of range")
 
 
 @annotate("mm1.head_logprobs")
@@ -139,7 +176,13 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         targets: ``[T]`` (or ``[...]`` matching hidden's leading dims) int32/int64 token ids in
             ``[0, V)``; ``-100`` marks an ignored row.
         temperature: logits are divided by it before anything else; ``lse`` and ``entropy`` are
-            those of the tempered distribution softmax(logits / temperature).
+            those of the tempered distribution softmax(logits / temperature). Must be finite
+            and ``>= 1 / 3.4e38`` (so that 1/temperature is a finite fp32), else ValueError.
+            Below 1, ``logits / temperature`` can overflow fp32 (safe while
+            ``max|logit| / temperature <= 1e37``; beyond that, depending on the backend): the op
+            then checks that every row's results are finite and raises ValueError naming
+            ``temperature`` if they are not because of it (NaN/inf in hidden or weight give
+            NaN results, as at any temperature).
         backend: ``"torch"``, ``"triton"`` or None (automatic; see ``mm1_kernels._dispatch``).
 
     Returns:
@@ -154,9 +197,10 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     defeats the purpose; the price is that the Triton kernel runs on CUDA cores, not tensor
     cores, for fp32 inputs (bf16 weights are the production case).
 
-    Host synchronization: one, the check that targets are in range (skipped under CUDA graph
-    capture and torch.compile; an out-of-range target then gives a wrong logprob on the triton
-    backend, never an out-of-bounds read).
+    Host synchronization: one, the check that targets are in range; a second when
+    temperature < 1, the overflow check above. Both are skipped under CUDA graph capture and
+    torch.compile (an out-of-range target then gives a wrong logprob on the triton backend,
+    never an out-of-bounds read; an overflowing temperature gives non-finite results).
 
     Determinism (triton backend): fixed tiles, vocabulary splits that depend only on V, merged
     in a fixed order with no atomics, so results are bitwise reproducible and a token's result
@@ -164,7 +208,7 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     the BLAS for batch invariance.
 
     Differentiable w.r.t. hidden and weight (upstream gradients of all three outputs); the
-    backward recomputes logits block by block (see ``reference.head_backward_blocks``) and
+    backward recomputes logits block by block (see ``backward.head_backward_blocks``) and
     accumulates both gradients in fp32, deterministically, returning them in the input dtype.
     """
     device = _check_head_inputs(hidden, weight)
@@ -175,8 +219,13 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     h2 = hidden.reshape(-1, K)
     t1 = targets.reshape(-1).contiguous()
     check_index_range("targets", t1, V, "the vocabulary size", ignore_value=IGNORE_INDEX)
-    chosen = resolve_backend("head_logprobs", backend, device, HEAD_BACKENDS)
+    chosen = resolve_backend("head_logprobs", backend, device)
     lp, lse, ent = torch.ops.mm1.head_logprobs(h2, weight, t1, temperature, chosen)
+    if temperature < 1.0 and h2.shape[0] and can_check_device_values(lse):
+        bad = ~(torch.isfinite(lp) & torch.isfinite(lse) & torch.isfinite(ent))
+        if bool(bad.any()):
+            _nonfinite_logits("head_logprobs", bad, h2, weight, temperature,
+                              inputs_may_be_nonfinite=True)
     return HeadOutput(lp.reshape(lead), lse.reshape(lead), ent.reshape(lead))
 
 
@@ -210,7 +259,9 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
         hidden: ``[B, K]`` (or ``[..., K]``) hidden states of the positions to sample.
         weight: ``[V, K]``, same dtype as hidden.
         temperature: > 0 samples from softmax(logits / temperature); 0 is greedy (argmax), and
-            the returned logprobs are then those of the untempered distribution.
+            the returned logprobs are then those of the untempered distribution. Otherwise
+            ``>= 1 / 3.4e38``; a temperature at which ``logits / temperature`` overflows fp32
+            raises ValueError naming it (see :func:`head_logprobs`).
         top_p: nucleus mass in (0, 1]; 1 disables it. top_k: 0 disables it.
         generator: a ``torch.Generator`` on hidden's device; same generator state, same inputs
             → same tokens.
@@ -233,6 +284,13 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     logits. The logprobs are a second, fused pass over the weight: for a memory-bound decode
     step that roughly doubles the head's time (the price of bitwise equality; fusing the
     lookup into the sampling pass would give ~1e-7 agreement instead).
+
+    Non-finite logits: before sampling, each block's tempered logits are checked on the host
+    (one sync per call for a decode batch; skipped under CUDA graph capture and
+    torch.compile). A row holding NaN, ±inf or a tempered logit beyond ±1e37 raises
+    ValueError: naming ``temperature`` when the untempered logits are finite (logits /
+    temperature overflows), else ``hidden``/``weight`` (they hold non-finite values), on
+    every backend and for greedy decoding too (argmax would silently pick the NaN).
     """
     device = _check_head_inputs(hidden, weight)
     t = _check_temperature(temperature, allow_zero=True)
@@ -247,16 +305,23 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     h2 = hidden.reshape(-1, K)
     rows = h2.shape[0]
     tokens = torch.empty(rows, dtype=torch.int64, device=device)
-    chosen = resolve_backend("head_sample", backend, device, HEAD_BACKENDS)
+    chosen = resolve_backend("head_sample", backend, device)
     if chosen == "triton":
         from .triton_head import head_logits_triton as logits_fn
     else:
-        logits_fn = reference.tempered_logits_fp32
+        logits_fn = torch_head.tempered_logits_fp32
     logits_temperature = t if t > 0 else 1.0
-    step = reference.rows_per_logits_block(V)
+    step = torch_head.rows_per_logits_block(V)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         z = logits_fn(h2[r0:r1], weight, logits_temperature)
+        if can_check_device_values(z):
+            # NaN, ±inf (an all -inf row included) and logits beyond the range that the
+            # logprob pass below keeps finite; a NaN compares False, so it counts as bad.
+            bad = ~(z.abs().amax(dim=-1) <= _SAFE_TEMPERED_LOGIT)
+            if bool(bad.any()):
+                _nonfinite_logits("head_sample", bad, h2[r0:r1], weight, logits_temperature,
+                                  inputs_may_be_nonfinite=False)
         tokens[r0:r1] = z.argmax(-1) if t == 0 else _sample_rows(z, float(top_p), top_k, generator)
     # The op itself, not head_logprobs: the inputs are validated and the tokens are in [0, V) by
     # construction, so its target range check would only cost a host sync per decode step.
@@ -314,7 +379,7 @@ def cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     check_tensor("mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES + INDEX_DTYPES,
                  shape=tuple(logprobs.shape), device=device)
     _check_cispo_args(eps_low, eps_high)
-    resolve_backend("cispo_loss", backend, device, CISPO_BACKENDS)
+    resolve_backend("cispo_loss", backend, device)
     return reference.cispo_reference(logprobs, old_logprobs.to(logprobs.dtype),
                                      advantages.to(logprobs.dtype), mask, eps_low, eps_high)
 

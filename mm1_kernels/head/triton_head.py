@@ -33,7 +33,7 @@ One kernel computes the fp32 gradient w.r.t. the logits of a ``[rows, cols]`` bl
 (recomputing the logits tile by tile; same products, same accumulation as the forward) from
 the per-token upstream gradients and the saved lse / entropy:
 ``dz = g_lp (onehot - p) + g_lse p - g_ent p (log p + H)``, times 1/temperature. The host
-driver ``reference.head_backward_blocks`` visits vocabulary chunks × row blocks in a fixed
+driver ``backward.head_backward_blocks`` visits vocabulary chunks × row blocks in a fixed
 order and forms ``dhidden += dz @ W_chunk`` and ``dW_chunk += dz^T @ hidden`` with fp32
 accumulation (tensor-core GEMMs on dz rounded to the input dtype for 16-bit inputs on a GPU;
 see that function), so the weight gradient accumulates in fp32, deterministically, and the
@@ -63,10 +63,23 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpret_enabled
-from .reference import BACKWARD_VOCAB_CHUNK, IGNORE_INDEX, TORCH_BLOCK_ELEMENTS, head_backward_blocks
+from .._triton_interpret import interpreted_with_fixes
+from .backward import BACKWARD_VOCAB_CHUNK, TORCH_BLOCK_ELEMENTS, head_backward_blocks
+from .reference import IGNORE_INDEX
 
-# Tiles. The interpreter pays per program and per op, not per element, so it gets smaller
-# splits (more of the split/merge logic is exercised at test sizes) and no difference in math.
+# Tiles: the one place where the CPU interpreter (TRITON_INTERPRET=1, read once at import) and
+# a GPU differ, on purpose. Why: tests run through the interpreter at test sizes (T ~ 1-100,
+# V ~ 1000-4100), and there the GPU's SPLIT_V = 2048 / BT = 64 would leave one vocabulary
+# split and one token tile, so the split merge, the running-max rescaling across splits and
+# the partial-tile masks would go untested; SPLIT_V = 512 and BT = 16 exercise them at the
+# same sizes. (The interpreter's cost is per program and per tile op, not per element, so the
+# extra programs cost little at those sizes.) What this does not change: the math. Every configuration computes the
+# same fp32 quantities (tile logits accumulated over K, the same merge formulas in split
+# order); only where fp32 rounding happens differs (the two-sum is per BK block, the merge
+# per split), which is inside the tolerances the tests hold both to, and the interpreter's
+# numpy dots already round differently from a GPU's MMAs. Determinism and batch invariance
+# hold in each configuration, since neither depends on T. The GPU configuration is compiled
+# and checked by tests/test_head_aot.py.
 # GPU tiles (BT, BV, BK) per input kind: the largest tiles whose sm_90a builds have no register
 # spills (ptxas, tests/test_head_aot.py); with 64 × 128 the bf16 forward spills 132 B/thread,
 # and the fp32 (IEEE, CUDA-core) dot needs smaller tiles still. Chosen for a clean build, not
@@ -115,6 +128,7 @@ def _logit_tile(h_ptr, w_ptr, offs_t, offs_v, mask_t, mask_v, K, stride_h, strid
     return (acc + comp) * inv_temp
 
 
+@interpreted_with_fixes
 @triton.jit
 def head_split_stats_kernel(
     h_ptr, w_ptr, tgt_ptr, part_ptr, logits_ptr,
@@ -162,6 +176,7 @@ def head_split_stats_kernel(
     tl.store(base + 3 * T, t_logit, mask=mask_t)
 
 
+@interpreted_with_fixes
 @triton.jit
 def head_merge_splits_kernel(
     part_ptr, tgt_ptr, lp_ptr, lse_ptr, ent_ptr, T, nsplit,
@@ -198,6 +213,7 @@ def head_merge_splits_kernel(
     tl.store(ent_ptr + offs_t, log_s - U / S, mask=mask_t)
 
 
+@interpreted_with_fixes
 @triton.jit
 def head_dlogits_kernel(
     h_ptr, w_ptr, tgt_ptr, g_lp_ptr, g_lse_ptr, g_ent_ptr, lse_ptr, ent_ptr, dz_ptr,

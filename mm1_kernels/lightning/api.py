@@ -10,17 +10,18 @@ import torch
 
 from .._checks import (FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slot_ids,
                        check_tensor)
-from .._dispatch import resolve_backend
+from .._dispatch import register_op, resolve_backend
 from .._nvtx import annotate
 from . import reference
 
 MAX_HEAD_DIM = 256
-PREFILL_BACKENDS = ("torch", "triton", "cuda")
-DECODE_BACKENDS = ("torch", "triton", "cuda")
 # Automatic choice on a GPU: Triton before the CUDA kernels until a GPU run has verified and
 # timed the CUDA path (so far it is compile-checked and verified in host emulation only);
 # backend="cuda" selects it explicitly.
-GPU_PREFERENCE = ("triton", "cuda", "torch")
+register_op("lightning_attention", backends=("torch", "triton", "cuda"),
+            cuda_op="lightning_prefill_cuda", gpu_order=("triton", "cuda", "torch"))
+register_op("lightning_decode", backends=("torch", "triton", "cuda"),
+            cuda_op="lightning_decode_cuda", gpu_order=("triton", "cuda", "torch"))
 
 
 @torch.library.custom_op("mm1::lightning_attention", mutates_args=())
@@ -123,8 +124,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                      device=device, contiguous=True)
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
-    chosen = resolve_backend("lightning_attention", backend, device, PREFILL_BACKENDS,
-                             cuda_op="lightning_prefill_cuda", gpu_preference=GPU_PREFERENCE)
+    chosen = resolve_backend("lightning_attention", backend, device)
     o, final = torch.ops.mm1.lightning_attention(q, k, v, slopes, initial_state, cu_seqlens,
                                                  output_final_state, chosen)
     return o, (final if output_final_state else None)
@@ -141,14 +141,19 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
         slopes: ``[H]`` fp32.
         state_cache: fp32 ``[S, H, D, Dv]`` contiguous; row b reads and writes slot ``slot_ids[b]``.
         slot_ids: int32/int64 ``[B]``; a negative slot marks a padding row (state untouched,
-            output zero). Default: row b uses slot b (needs ``B <= S``). Slots must be distinct.
+            output zero). Default: row b uses slot b (needs ``B <= S``). Required: the
+            non-negative slots are distinct (each row updates its slot in place); a repeated
+            slot raises ValueError. Negative padding ids may repeat.
         backend: as in :func:`lightning_attention`.
 
     Returns ``o`` shaped like q (with v's last dimension), in q's dtype.
 
-    No host synchronization on the GPU except the slot-range check, which is skipped during CUDA
-    graph capture and torch.compile; the kernels then leave the state of an out-of-range slot
-    untouched and return NaN for that row, so a bad id is loud, never an out-of-bounds write.
+    No host synchronization on the GPU except the slot check (range and distinctness; one copy
+    of the ids, done once per ``slot_ids`` tensor while it is unmodified, so a model's layers
+    sharing one tensor pay it once), which is skipped during CUDA graph capture and
+    torch.compile; the kernels then leave the state of an out-of-range slot untouched and
+    return NaN for that row, so a bad id is loud, never an out-of-bounds write (repeated slots
+    are then not detected: their rows race on one state).
     """
     squeeze = q.dim() == 4
     if squeeze:
@@ -165,8 +170,7 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
         check_slot_ids(slot_ids, B, state_cache.shape[0], device)
     elif B > state_cache.shape[0]:
         raise ValueError(f"without slot_ids, row b uses slot b: batch {B} > {state_cache.shape[0]} slots")
-    chosen = resolve_backend("lightning_decode", backend, device, DECODE_BACKENDS,
-                             cuda_op="lightning_decode_cuda", gpu_preference=GPU_PREFERENCE)
+    chosen = resolve_backend("lightning_decode", backend, device)
     o = torch.ops.mm1.lightning_decode(q, k, v, slopes, state_cache, slot_ids, chosen)
     return o[:, None] if squeeze else o
 

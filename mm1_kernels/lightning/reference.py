@@ -35,6 +35,9 @@ def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.T
     ``s_h = base_h · (1 - layer_idx / (num_layers - 1) + 1e-5)``; the decay is ``exp(-s_h)``.
     A slice of the model keeps the original ``layer_idx`` and ``num_layers``.
     """
+    for name, value in (("num_heads", num_heads), ("layer_idx", layer_idx), ("num_layers", num_layers)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if num_layers < 2:
         raise ValueError(f"num_layers must be at least 2, got {num_layers}")
     if not 0 <= layer_idx < num_layers:
@@ -75,6 +78,34 @@ def lightning_recurrence(q, k, v, slopes, initial_state=None, cu_seqlens=None,
     return o, final
 
 
+def _causal_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``scores @ v`` for lower-triangular ``scores [H, m, m]`` that never reads ``v_i`` into a
+    row ``j < i``: a plain matmul forms ``0 · v_i``, which is NaN when ``v_i`` is, so a NaN or
+    inf in a later token's v would reach earlier tokens' outputs.
+
+    Row j sums over i ≤ j. Split the (power-of-two padded) rows in halves: the lower half
+    reads the upper half's v through one dense block, and each half recurses on its own
+    diagonal block; all blocks of one size are a single batched matmul, so this is
+    log2(m) matmuls with half the FLOPs of the dense one, plus the diagonal.
+    """
+    H, m, _ = scores.shape
+    n = 1 << max(m - 1, 0).bit_length()
+    if n != m:
+        scores = torch.nn.functional.pad(scores, (0, n - m, 0, n - m))
+        v = torch.nn.functional.pad(v, (0, 0, 0, n - m))
+    dv = v.shape[-1]
+    out = torch.diagonal(scores, dim1=1, dim2=2)[..., None] * v                # i == j
+    b = 1
+    while b < n:
+        blocks = n // (2 * b)
+        square = scores.reshape(H, blocks, 2 * b, blocks, 2 * b).diagonal(dim1=1, dim2=3)
+        lower_left = square.permute(0, 3, 1, 2)[:, :, b:, :b]                 # [H, blocks, b, b]
+        upper_v = v.reshape(H, blocks, 2 * b, dv)[:, :, :b]                   # [H, blocks, b, dv]
+        out.view(H, blocks, 2 * b, dv)[:, :, b:] += lower_left @ upper_v
+        b *= 2
+    return out[:, :m]
+
+
 def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
                       chunk_size: int = 64, dtype: torch.dtype = torch.float32):
     """The chunked form, computed in ``dtype`` (fp32: the torch backend). Returns (o, final_state).
@@ -104,9 +135,11 @@ def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
             qc = q[b, c:c + m].to(dtype).transpose(0, 1)                      # [H, m, D]
             kc = k[b, c:c + m].to(dtype).transpose(0, 1)
             vc = v[b, c:c + m].to(dtype).transpose(0, 1)                      # [H, m, Dv]
-            scores = (qc @ kc.transpose(1, 2)) * intra_decay[:, :m, :m]
+            # Select, not multiply: q_j·k_i of a later token i may be NaN/inf, and NaN·0 is NaN
+            # (_causal_matmul never reads above the diagonal either; this keeps scores clean).
+            scores = torch.where(causal[:m, :m], (qc @ kc.transpose(1, 2)) * intra_decay[:, :m, :m], 0.0)
             inter = (qc @ S) * torch.exp(-s[:, None, None] * (pos[:m] + 1)[None, :, None])
-            o[b, c:c + m] = (scores @ vc + inter).transpose(0, 1).to(q.dtype)
+            o[b, c:c + m] = (_causal_matmul(scores, vc) + inter).transpose(0, 1).to(q.dtype)
             k_decay = torch.exp(-s[:, None, None] * (m - 1 - pos[:m])[None, :, None])
             S = torch.exp(-s * m)[:, None, None] * S + (kc * k_decay).transpose(1, 2) @ vc
         final[n] = S.float()

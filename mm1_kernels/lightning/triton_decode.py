@@ -12,7 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_interpret import interpreted_with_fixes
 
+
+@interpreted_with_fixes
 @triton.jit
 def lightning_decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, state_ptr, slot_ptr,

@@ -9,12 +9,12 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
-from .._dispatch import resolve_backend
+from .._dispatch import register_op, resolve_backend
 from .._nvtx import annotate
 from . import reference
 
-ROUTE_BACKENDS = ("torch", "triton")
-FUSED_MOE_BACKENDS = ("torch", "triton")
+register_op("moe_route", backends=("torch", "triton"))
+register_op("fused_moe", backends=("torch", "triton"))
 # The routing kernel keeps a token's whole row of logits in registers.
 MAX_EXPERTS = 1024
 
@@ -68,6 +68,9 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = T
     Returns:
         ``(topk_weights, topk_ids)``: fp32 ``[T, k]`` and int32 ``[T, k]``, in decreasing
         probability; among equal probabilities the lower expert index comes first. Deterministic.
+        A row with no softmax (a NaN or +inf logit, or every logit -inf) gets ids
+        ``0, 1, ..., k-1`` and NaN weights on every backend: ids always stay in ``[0, E)``,
+        and the NaN reaches the MoE output rather than hiding behind a finite weight.
     """
     check_tensor("router_logits", router_logits, dtypes=FLOAT_DTYPES, ndim=2)
     if isinstance(top_k, bool) or not isinstance(top_k, int):
@@ -79,7 +82,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = T
         raise ValueError(f"router_logits must have between 1 and {MAX_EXPERTS} experts, got {E}")
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
-    chosen = resolve_backend("moe_route", backend, router_logits.device, ROUTE_BACKENDS)
+    chosen = resolve_backend("moe_route", backend, router_logits.device)
     return torch.ops.mm1.moe_route(router_logits, top_k, renormalize, chosen)
 
 
@@ -159,7 +162,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     access). The same ids tensor, unmodified, is checked once (as lightning's slot ids are).
     """
     _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids)
-    chosen = resolve_backend("fused_moe", backend, x.device, FUSED_MOE_BACKENDS)
+    chosen = resolve_backend("fused_moe", backend, x.device)
     return torch.ops.mm1.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, chosen)
 
 
@@ -173,6 +176,9 @@ def quantize_moe_weights(w13: torch.Tensor, w2: torch.Tensor):
     """
     check_tensor("w13", w13, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=3)
     E, two_i, hidden = w13.shape
+    if two_i == 0 or two_i % 2:
+        raise ValueError(f"w13 must stack gate and up rows: its dimension 1 (2I) must be even "
+                         f"and positive, got {two_i}")
     check_tensor("w2", w2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(E, hidden, two_i // 2),
                  device=w13.device)
     return reference.quantize_moe_weights_reference(w13, w2)

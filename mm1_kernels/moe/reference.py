@@ -34,13 +34,23 @@ def moe_route_reference(router_logits: torch.Tensor, top_k: int = 2, renormalize
     Weights are in ``compute_dtype`` (default fp32, fp64 for fp64 logits). A *stable*
     descending sort, not ``torch.topk``, picks the experts: topk's order among equal
     probabilities is unspecified, the stable sort keeps the lower expert index first.
+
+    A row whose softmax is undefined (a NaN or +inf logit, or every logit -inf) routes to
+    experts ``0, 1, ..., k-1`` with NaN weights: the ids stay in range and the NaN reaches the
+    MoE output instead of a finite weight hiding it.
     """
     dtype = compute_dtype or _compute_dtype(router_logits)
-    p = torch.softmax(router_logits.to(dtype), dim=-1)
+    logits = router_logits.to(dtype)
+    p = torch.softmax(logits, dim=-1)
     values, ids = torch.sort(p, dim=-1, descending=True, stable=True)
     w, ids = values[:, :top_k], ids[:, :top_k]
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
+    if logits.shape[-1]:
+        # amax propagates NaN: this is "a NaN, a +inf, or every logit -inf".
+        bad = ~torch.isfinite(logits.amax(dim=-1, keepdim=True))
+        w = torch.where(bad, torch.full_like(w, float("nan")), w)
+        ids = torch.where(bad, torch.arange(top_k, device=ids.device, dtype=ids.dtype), ids)
     return w, ids
 
 

@@ -5,7 +5,9 @@ a power of two) in registers: softmax in fp32, then k rounds of "take the row ma
 the columns equal to it the lowest index", masking each winner out for the next round. Taking
 the minimum index among equal values is what makes ties go to the lower expert and the result
 deterministic (no sort, no atomics). Renormalizing divides the k winners' probabilities by
-their sum, so for k = 2 it equals sigmoid(l1 - l2) up to rounding.
+their sum, so for k = 2 it equals sigmoid(l1 - l2) up to rounding. A row without a softmax
+(a NaN or +inf logit, or all -inf) gets ids 0..k-1 and NaN weights, as in the reference;
+without that rule its NaN probabilities match no maximum and the id would be BLOCK_E.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_interpret import interpreted_with_fixes
 
+
+@interpreted_with_fixes
 @triton.jit
 def moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt,
                      TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -27,7 +32,11 @@ def moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt,
     safe_rows = tl.minimum(rows, T - 1)
     ptrs = logits_ptr + safe_rows.to(tl.int64)[:, None] * stride_lt + cols[None, :]
     logits = tl.load(ptrs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
+    # Rows with no softmax (a NaN or +inf logit, or all -inf) get experts 0..k-1 and NaN
+    # weights below. NaN is tested on its own: tl.max's NaN handling is unspecified.
+    has_nan = tl.max((logits != logits).to(tl.int32), axis=1) > 0
     row_max = tl.max(logits, axis=1)
+    bad_row = has_nan | (row_max == float("inf")) | (row_max == float("-inf"))
     p = tl.exp(logits - row_max[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
     # Probabilities are ≥ 0, so -1 marks padded and already-chosen columns.
@@ -43,6 +52,8 @@ def moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt,
         p = tl.where(cols[None, :] == best_idx[:, None], -1.0, p)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    top_w = tl.where(bad_row[:, None], float("nan"), top_w)
+    top_i = tl.where(bad_row[:, None], slot[None, :], top_i)
     out_off = rows.to(tl.int64)[:, None] * TOP_K + slot[None, :]
     out_mask = row_ok[:, None] & (slot[None, :] < TOP_K)
     tl.store(weights_ptr + out_off, top_w, mask=out_mask)
