@@ -1,6 +1,6 @@
 """What every benchmark module shares: device facts, ceilings, timing, costs, results files.
 
-The method (DESIGN.md, "Performance method"): count each case's FLOPs and minimum bytes,
+The method (docs/design.md, "Performance method"): count each case's FLOPs and minimum bytes,
 measure the device's two ceilings (a large device-to-device copy, a large bf16 matmul) in the
 same process, time each implementation's median, and report the achieved rate as a fraction
 of the ceiling that bounds the case. Every number comes from this file's helpers.

@@ -2,7 +2,7 @@
 
     python -m bench.head_precision [--tokens N] [--vocab V] [--hidden K] [--out PATH.png]
 
-MiniMax-M1's tech report (M1_REFERENCE §6): with bf16 logits the training engine's token
+MiniMax-M1's tech report (docs/m1_math.md §6): with bf16 logits the training engine's token
 probabilities correlated with the rollout engine's at only ~0.987 (Pearson); computing the
 LM head in FP32 raised it to ~0.997. This script rebuilds that comparison on synthetic data.
 

@@ -1,7 +1,7 @@
 """Lightning attention: prefill over sequence length, decode over batch (issue 2's grid).
 
 Peers: the torch reference (backend "torch") and fla-core's ``chunk_simple_gla(q, k, v,
-g_gamma=-slopes, scale=1.0)``, which computes M1's math (M1_REFERENCE.md §3); for decode,
+g_gamma=-slopes, scale=1.0)``, which computes M1's math (docs/m1_math.md §3); for decode,
 fla-core's ``fused_recurrent_simple_gla`` on one token with the state passed in and out.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def make_inputs(case: Case, device: torch.device) -> dict:
     H, D = p["H"], p["D"]
     slopes = mk.lightning_slopes(H, 39, 80).to(device)  # a middle layer of M1's 80
 
-    def act(*shape):  # silu-activated, as M1 feeds the kernel (M1_REFERENCE.md §3)
+    def act(*shape):  # silu-activated, as M1 feeds the kernel (docs/m1_math.md §3)
         return torch.nn.functional.silu(torch.randn(*shape, device=device, dtype=torch.bfloat16))
 
     if case.kind == "prefill":

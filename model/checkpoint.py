@@ -1,4 +1,4 @@
-"""M1's checkpoint format: sharded safetensors + ``model.safetensors.index.json`` (M1_REFERENCE §7).
+"""M1's checkpoint format: sharded safetensors + ``model.safetensors.index.json`` (docs/m1_math.md §7).
 
 Loading reads the original key names (``block_sparse_moe.experts.E.w1.weight``, ...) and
 transformers' renamed ones (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``, ...), converts

@@ -1,4 +1,4 @@
-"""MiniMax-M1 in PyTorch, exactly as M1_REFERENCE §2-§6, with every hot op from mm1_kernels.
+"""MiniMax-M1 in PyTorch, exactly as docs/m1_math.md §2-§6, with every hot op from mm1_kernels.
 
 Three ways through the same layers:
 - ``forward(input_ids)``: a batch of equal-length sequences, no cache (training-style);

@@ -1,6 +1,6 @@
 """Public FP32-head ops: validation, backend dispatch, custom-op registration, autograd.
 
-Why this exists (M1_REFERENCE §6): bf16 logits made MiniMax-M1's training and rollout token
+Why this exists (docs/m1_math.md §6): bf16 logits made MiniMax-M1's training and rollout token
 probabilities diverge; the head must produce fp32 logits. bf16 × bf16 products are exact in
 fp32, so the whole fix is "accumulate and keep logits in fp32" — and because fp32 logits for
 8k tokens × 200,064 vocabulary are 6.6 GB, they are never stored: every op here works on
@@ -341,7 +341,7 @@ def _check_cispo_args(eps_low, eps_high):
 def cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor, eps_low: Optional[float] = None,
                eps_high: Optional[float] = DEFAULT_EPS_HIGH, backend: Optional[str] = None) -> torch.Tensor:
-    """CISPO objective (M1_REFERENCE §6) as a loss to minimize: ``-J``, a scalar.
+    """CISPO objective (docs/m1_math.md §6) as a loss to minimize: ``-J``, a scalar.
 
     ``r = exp(logprobs - old_logprobs)``, ``r_hat = clip(r, 1 - eps_low, 1 + eps_high)`` with a
     stop-gradient, ``loss = -Σ mask · r_hat · A · logprobs / Σ mask``: token-level

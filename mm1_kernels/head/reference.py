@@ -1,4 +1,4 @@
-"""Reference math for the FP32 LM head and the CISPO objective (M1_REFERENCE.md §6).
+"""Reference math for the FP32 LM head and the CISPO objective (docs/m1_math.md §6).
 
 ``head_reference`` is the truth: fp64 logits from the same inputs, then logprob of the target,
 logsumexp and entropy of the tempered distribution. It materializes ``[T, V]`` and is meant for
@@ -40,7 +40,7 @@ def head_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 def cispo_reference(logprobs, old_logprobs, advantages, mask, eps_low: Optional[float],
                     eps_high: Optional[float]):
-    """CISPO loss, M1_REFERENCE §6, token-level normalization over all valid tokens.
+    """CISPO loss, docs/m1_math.md §6, token-level normalization over all valid tokens.
 
     r = exp(logp - logp_old); r_hat = clip(r, 1 - eps_low, 1 + eps_high), stop-gradient;
     loss = -Σ mask · r_hat · A · logp / Σ mask (0 when no token is valid).

@@ -1,4 +1,4 @@
-"""Lightning attention, the plain math (M1_REFERENCE §3). This file is the truth.
+"""Lightning attention, the plain math (docs/m1_math.md §3). This file is the truth.
 
 Per head h with decay ``λ_h = exp(-s_h)`` and an fp32 (or fp64) state ``S [D, D]``::
 

@@ -1,4 +1,4 @@
-"""The M1 MoE block, the plain math (M1_REFERENCE §5). This file is the truth.
+"""The M1 MoE block, the plain math (docs/m1_math.md §5). This file is the truth.
 
 For each token y (one row of x) with router logits l [E]::
 
