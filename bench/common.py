@@ -113,7 +113,7 @@ class Policy:
     min_reps: int
 
     @classmethod
-    def for_device(cls, device: torch.device, smoke: bool = False) -> "Policy":
+    def for_device(cls, device: torch.device, smoke: bool = False) -> Policy:
         if smoke:  # one call each: the harness runs, no number means anything
             return cls(0.0, 0.0, 1, 1)
         return cls(25.0, 100.0, 3, 5) if device.type == "cuda" else cls(10.0, 30.0, 2, 3)
@@ -276,7 +276,8 @@ def free_memory(device: torch.device) -> None:
 
 def run_case(case: Case, cost_of: Callable[[dict | None], Cost], make_inputs: Callable[[], dict],
              impls: list[Impl],
-             device: torch.device, ceilings: dict, policy: Policy, measure_memory: bool = False, progress=None) -> list[dict]:
+             device: torch.device, ceilings: dict, policy: Policy, measure_memory: bool = False,
+             progress=None) -> list[dict]:
     """Time every implementation of one case; one result row each (skips and failures included).
 
     ``cost_of(inputs)`` counts the case's FLOPs and bytes (from the first input set, or None

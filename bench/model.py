@@ -153,7 +153,7 @@ def postprocess(rows: list[dict], ceilings: dict) -> list[dict]:
     for r in rows:
         if r["kind"] == "generate" and r["status"] == "ok":
             by_b.setdefault(r["params"]["B"], {})[r["params"]["new"]] = r
-    for B, pair in sorted(by_b.items()):
+    for _, pair in sorted(by_b.items()):
         if 1 not in pair or 1 + new not in pair:
             continue
         p = dict(pair[1]["params"], new=new)

@@ -176,7 +176,8 @@ def main(argv=None) -> int:
     if args.readme:  # the README shows GPU numbers only: a CPU run checks the harness
         rel = os.path.relpath(out_dir, args.readme.resolve().parent)
         block = (markdown(gpus, {k: f"{rel}/{v}" for k, v in plots.items()}) if gpus else
-                 "No GPU results yet: run `python -m bench all` on a GPU, then `python -m bench.report --readme README.md`.")
+                 "No GPU results yet: run `python -m bench all` on a GPU, then "
+                 "`python -m bench.report --readme README.md`.")
         update_readme(args.readme, block)
         print(f"updated {args.readme} ({len(gpus)} GPU devices)")
     return 0

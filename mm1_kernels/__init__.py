@@ -5,14 +5,26 @@ Every op takes ``backend=None | "torch" | "triton" | "cuda"``. ``available_backe
 has and which one a call would run; ``registered_ops()`` lists the ops. ``nvtx_range(name)``
 is a context manager that marks an NVTX range (a no-op without CUDA or a profiler).
 """
-from ._dispatch import (BACKENDS, BackendUnavailableError, available_backends, registered_ops,
-                        resolve_backend, triton_interpret_enabled)
+from ._dispatch import (
+                        BACKENDS,
+                        BackendUnavailableError,
+                        available_backends,
+                        registered_ops,
+                        resolve_backend,
+                        triton_interpret_enabled,
+)
 from ._nvtx import nvtx_range
-
-from .lightning import lightning_attention, lightning_decode, lightning_slopes
-from .moe import (dequantize_moe_weight, fused_moe, fused_moe_reference, moe_block_reference,
-                  moe_route, moe_route_reference, quantize_moe_weights)
 from .head import HeadOutput, cispo_loss, head_cispo_loss, head_logprobs, head_sample
+from .lightning import lightning_attention, lightning_decode, lightning_slopes
+from .moe import (
+                        dequantize_moe_weight,
+                        fused_moe,
+                        fused_moe_reference,
+                        moe_block_reference,
+                        moe_route,
+                        moe_route_reference,
+                        quantize_moe_weights,
+)
 
 __version__ = "0.1.0"
 

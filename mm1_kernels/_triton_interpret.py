@@ -86,7 +86,7 @@ def _fixed_cast_impl(self, src, dst_type):
 _FIXES = {"create_dot": _fixed_create_dot, "cast_impl": _fixed_cast_impl}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def needed_fixes() -> tuple[str, ...]:
     """The interpreter methods to correct: the dot always, the cast when a probe kernel shows it."""
     import torch

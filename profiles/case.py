@@ -17,6 +17,7 @@ import torch
 
 from bench.common import CPU_WARNING, bench_device
 
+
 def _value(text: str):
     for cast in (int, float):
         try:

@@ -13,7 +13,6 @@ import sys
 
 import torch
 
-
 DATASHEET = {"matmul_bf16_TFLOPs": 989.0, "copy_GBps": 3350.0, "source": "H100 SXM datasheet (lead)"}
 
 

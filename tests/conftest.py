@@ -19,6 +19,11 @@ if not _HAS_CUDA:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
+    # `slow` is registered in pyproject.toml; `pytest tests -m "not slow"` is the fast subset.
+    # Only the slow ThreadSanitizer tests use the emulation's TSan builds: a run without them
+    # skips building them (tests/test_cuda_emulation.py reads MM1_EMU_TSAN at import).
+    if "not slow" in (config.getoption("markexpr", "") or ""):
+        os.environ.setdefault("MM1_EMU_TSAN", "0")
     # The Triton interpreter trips a numpy deprecation on every scalar index; it is not ours.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:triton.runtime.interpreter")
 

@@ -278,6 +278,7 @@ def test_generator_fails_loudly_when_asm_changes(tmp_path):
         gen.generate(tmp_path / "out", src)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not RUN_TSAN, reason="ThreadSanitizer run disabled by MM1_EMU_TSAN=0")
 def test_tsan_no_shared_memory_races(emu_bins):
     """Shared-memory races between barriers (e.g. a dropped __syncthreads) under ThreadSanitizer."""
@@ -299,6 +300,7 @@ def test_tsan_no_shared_memory_races(emu_bins):
                 (check_prefill if r["kernel"] == "prefill" else check_decode)(r)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not RUN_TSAN, reason="ThreadSanitizer run disabled by MM1_EMU_TSAN=0")
 def test_tsan_catches_injected_missing_barrier(emu_bins):
     """ThreadSanitizer must report the race when the end-of-chunk __syncthreads is dropped."""

@@ -9,10 +9,7 @@ import torch
 import mm1_kernels as mk
 from mm1_model import MiniMaxM1Config, MiniMaxM1ForCausalLM, count_parameters
 
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+from numerics import rel_err as rel
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +304,7 @@ def test_config_reads_original_and_transformers_fields(tmp_path):
     assert c.rope_theta == 10000.0 and c.rotary_dim == 16  # transformers rotates the whole head
 
 
+@pytest.mark.slow
 def test_main_job_smoke(capsys):
     from mm1_model.__main__ import main
     main(["--prompt-lens", "5,3", "--new-tokens", "2", "--backends", "torch"])

@@ -12,10 +12,6 @@ from mm1_model import CheckpointError, MiniMaxM1Config, MiniMaxM1ForCausalLM, ex
 from mm1_model.checkpoint import checkpoint_tensors
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return MiniMaxM1ForCausalLM(MiniMaxM1Config.tiny()).float().init_random_(1).eval()

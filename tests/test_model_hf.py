@@ -14,11 +14,11 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "MiniMaxForCausalLM"):  # pragma: no cover
     pytest.skip("this transformers has no MiniMax port", allow_module_level=True)
 
+from numerics import rel_err as rel  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
 from mm1_model import MiniMaxM1Config, MiniMaxM1ForCausalLM  # noqa: E402
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def hf_config(c: MiniMaxM1Config, block_size: int = 8):

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler")
 
-from triton_aot import compile_cases_in_subprocess  # noqa: E402
-
 from mm1_kernels.moe import triton_fused_moe as f  # noqa: E402
+
+from triton_aot import compile_cases_in_subprocess  # noqa: E402
 
 H100_SMEM = 227 * 1024
 FUSED = "mm1_kernels.moe.triton_fused_moe"

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import mm1_kernels as mk
-from mm1_kernels.lightning import reference as lref
 from mm1_kernels.moe import reference as mref
 
 NAN, INF = float("nan"), float("inf")

@@ -116,7 +116,7 @@ def test_one_version_string():
 PUBLIC_SUBMODULES = {"progress", "integrations"}
 REACH_IN = [
     # `from mm1_kernels.X import ...` / `import mm1_kernels.X` for a non-public X
-    re.compile(r"^\s*(?:from|import)\s+mm1_kernels\.(?!(?:%s)\b)\w+" % "|".join(PUBLIC_SUBMODULES),
+    re.compile(r"^\s*(?:from|import)\s+mm1_kernels\.(?!(?:" + "|".join(PUBLIC_SUBMODULES) + r")\b)\w+",
                re.M),
     # private names or an op's internals through the package: mk._dispatch, mm1_kernels.head.api
     re.compile(r"\b(?:mk|mm1_kernels)\.(?:\w+\.)*(?:_(?!_)\w+|api|reference|torch_head|backward|"

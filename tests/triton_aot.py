@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 

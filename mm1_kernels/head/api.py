@@ -18,8 +18,14 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, can_check_device_values, check_index_range,
-                       check_same_dtype, check_tensor)
+from .._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    can_check_device_values,
+    check_index_range,
+    check_same_dtype,
+    check_tensor,
+)
 from .._dispatch import register_op, resolve_backend
 from .._nvtx import annotate
 from . import reference, torch_head

@@ -8,8 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import (FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slot_ids,
-                       check_tensor)
+from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slot_ids, check_tensor
 from .._dispatch import register_op, resolve_backend
 from .._nvtx import annotate
 from . import reference

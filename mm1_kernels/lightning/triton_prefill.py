@@ -29,8 +29,9 @@ SM on any GPU. The price of splitting is that segment contributions K^T V are co
 the parallelism one long sequence otherwise lacks; nothing is recomputed when not split.
 
 Tile bases and state offsets are 64-bit (one 64-bit scalar base per chunk and tensor, 32-bit
-offsets inside the chunk), since ``T·H·D`` passes 2^31 at one million tokens. Decay exponents are never negative, so nothing overflows; ``λ^m`` underflows
-to 0 for fast heads, which is the correct value.
+offsets inside the chunk), since ``T·H·D`` passes 2^31 at one million tokens. Decay exponents
+are never negative, so nothing overflows; ``λ^m`` underflows to 0 for fast heads, which is the
+correct value.
 
 Precision: the state and every accumulation are fp32. fp32 inputs: every matmul in full fp32
 (``input_precision="ieee"``, no TF32). bf16 inputs: Q K^T takes the inputs as they are (exact
@@ -227,7 +228,7 @@ def lightning_segment_scan_kernel(
     tl.store(seg_state_ptr + last * per_segment + head_offs, S, mask=state_mask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -215,7 +215,8 @@ def moe_combine_kernel(rows_ptr, ids_ptr, out_ptr, H, E, stride_ot,
 # These are derived from the arithmetic above, not yet tuned on a GPU (bench/moe.py does that).
 TOKEN_BUCKETS = (1, 16, 64, 512, 1 << 62)   # bucket i covers T in (TOKEN_BUCKETS[i-1], TOKEN_BUCKETS[i]]
 MOE_CONFIGS = {
-    # I:    T ≤ 1                     T ≤ 16                    T ≤ 64                     T ≤ 512                    T > 512
+    # I:    T ≤ 1                         T ≤ 16                        T ≤ 64
+    #       T ≤ 512                       T > 512
     9216: ((16, 64, 128, 64, 128, 4, 4), (16, 64, 128, 64, 128, 4, 4), (16, 64, 128, 128, 128, 4, 4),
            (64, 128, 64, 128, 64, 8, 3), (128, 128, 64, 128, 64, 8, 3)),
     4608: ((16, 32, 256, 64, 128, 4, 4), (16, 32, 256, 64, 128, 4, 4), (16, 64, 128, 128, 128, 4, 4),
