@@ -72,9 +72,9 @@ def test_decode_duplicate_check_reruns_after_in_place_change():
 
 # --------------------------------------------------------------------------- lightning prefill: causality under NaN
 
-def _prefill_inputs(T, H=2, D=16, device="cpu", seed=0):
+def _prefill_inputs(T, H=2, D=16, device="cpu", seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.nn.functional.silu(torch.randn(1, T, H, D, generator=g)).to(device) for _ in range(3))
+    q, k, v = (torch.nn.functional.silu(torch.randn(1, T, H, D, generator=g)).to(device, dtype) for _ in range(3))
     return q, k, v, mk.lightning_slopes(H, 1, 8).to(device)
 
 
@@ -87,8 +87,8 @@ CAUSAL_CASES = [
 ]
 
 
-def _check_prefix_unaffected(poison, T, bad, cu, backend, device):
-    q, k, v, slopes = _prefill_inputs(T, device=device)
+def _check_prefix_unaffected(poison, T, bad, cu, backend, device, dtype=torch.float32):
+    q, k, v, slopes = _prefill_inputs(T, device=device, dtype=dtype)
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
     clean, _ = mk.lightning_attention(q, k, v, slopes, cu_seqlens=cu_t, backend=backend)
     poisoned = {"q": q, "k": k, "v": v}
@@ -103,11 +103,13 @@ def _check_prefix_unaffected(poison, T, bad, cu, backend, device):
     assert not torch.isfinite(o[0, bad]).all()  # the poisoned token itself is loud
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", backends_of("lightning_attention"))
 @pytest.mark.parametrize("T,bad,cu", CAUSAL_CASES)
-def test_prefill_nan_in_later_k_stays_out_of_earlier_outputs(T, bad, cu, backend, device):
+def test_prefill_nan_in_later_k_stays_out_of_earlier_outputs(T, bad, cu, backend, dtype, device):
+    # Each input dtype takes its own code path in the kernels (bf16: the hi/lo split products).
     runnable("lightning_attention", backend, device)
-    _check_prefix_unaffected("k", T, bad, cu, backend, device)
+    _check_prefix_unaffected("k", T, bad, cu, backend, device, dtype)
 
 
 @pytest.mark.parametrize("T,bad,cu", CAUSAL_CASES)
