@@ -23,10 +23,13 @@ H100_SMEM = 227 * 1024
 FUSED = "mm1_kernels.moe.triton_fused_moe"
 ROUTE = "mm1_kernels.moe.triton_route"
 META = dict(sorted_ids_ptr="*i32", block_expert_ptr="*i32", scale_ptr="*fp32")
+# Contiguous fp32 scales: the JIT specializes a unit last stride to the constant 1.
+UNIT_SCALE_STRIDE = dict(stride_sn=1)
 
 
 def _aligned(kernel):
-    names = ("x_ptr", "w_ptr", "h_ptr", "rows_ptr", "I", "K", "H", "stride_xt", "stride_we", "stride_wn")
+    names = ("x_ptr", "w_ptr", "h_ptr", "rows_ptr", "I", "K", "H", "stride_xt", "stride_we", "stride_wn",
+             "stride_se")
     return tuple(n for n in names if n in getattr(f, kernel).arg_names)
 
 
@@ -34,11 +37,19 @@ def _cases():
     cases = {
         "route": (ROUTE, "moe_route_kernel", dict(logits_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32"),
                   dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=32, BLOCK_K=2), 4),
-        "align": (FUSED, "moe_align_kernel", dict(ids_ptr="*i32", sorted_ids_ptr="*i32", block_expert_ptr="*i32"),
-                  dict(BLOCK_M=16, BLOCK_N=256, BLOCK_E=32, BLOCK_S=256), 4),
-        "combine": (FUSED, "moe_combine_kernel", dict(rows_ptr="*fp32", ids_ptr="*i32", out_ptr="*bf16"),
-                    dict(TOP_K=2, BLOCK_H=1024), 4),
     }
+    # Without and with an expert map (expert parallelism: 8 local of 32 global experts).
+    for has_map, block_e in ((False, 32), (True, 16)):
+        tag = "-ep" if has_map else ""
+        cases["align" + tag] = (
+            FUSED, "moe_align_kernel",
+            dict(ids_ptr="*i32", map_ptr="*i32", sorted_ids_ptr="*i32", block_expert_ptr="*i32"),
+            dict(HAS_MAP=has_map, BLOCK_M=16, BLOCK_N=(4096 if has_map else 8192) // block_e,
+                 BLOCK_E=block_e, BLOCK_S=8192 // block_e), 4)
+        cases["combine" + tag] = (
+            FUSED, "moe_combine_kernel",
+            dict(rows_ptr="*fp32", ids_ptr="*i32", map_ptr="*i32", out_ptr="*bf16"),
+            dict(TOP_K=2, HAS_MAP=has_map, BLOCK_H=1024), 4)
     # (expert width of one rank, tokens): TP 8 decode, TP 1 decode, TP 4 small batch, TP 1 prefill.
     for inter, tokens in ((1152, 1), (9216, 1), (2304, 64), (9216, 8192)):
         c = f.moe_config(inter, 6144, tokens)
@@ -46,17 +57,19 @@ def _cases():
             q = wt == "i8"
             cases[f"gate_up-{inter}-{tokens}-{wt}"] = (
                 FUSED, "moe_gate_up_kernel", dict(META, x_ptr="*bf16", h_ptr="*bf16", w_ptr=f"*{wt}"),
-                dict(TOP_K=2, QUANT=q, PRECISION="tf32", BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N1"],
-                     BLOCK_K=c["BLOCK_K1"]), c["num_warps"], c["num_stages"], _aligned("moe_gate_up_kernel"))
+                dict(UNIT_SCALE_STRIDE, TOP_K=2, QUANT=q, PRECISION="tf32", BLOCK_M=c["BLOCK_M"],
+                     BLOCK_N=c["BLOCK_N1"], BLOCK_K=c["BLOCK_K1"]),
+                c["num_warps"], c["num_stages"], _aligned("moe_gate_up_kernel"))
             cases[f"down-{inter}-{tokens}-{wt}"] = (
                 FUSED, "moe_down_kernel",
                 dict(META, h_ptr="*bf16", w_ptr=f"*{wt}", topk_w_ptr="*fp32", rows_ptr="*fp32"),
-                dict(QUANT=q, PRECISION="tf32", BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N2"],
-                     BLOCK_K=c["BLOCK_K2"]), c["num_warps"], c["num_stages"], _aligned("moe_down_kernel"))
+                dict(UNIT_SCALE_STRIDE, QUANT=q, PRECISION="tf32", BLOCK_M=c["BLOCK_M"],
+                     BLOCK_N=c["BLOCK_N2"], BLOCK_K=c["BLOCK_K2"]),
+                c["num_warps"], c["num_stages"], _aligned("moe_down_kernel"))
     # fp32 inputs run on FMA ("ieee", no TF32), at a tile the CPU tests use.
     cases["gate_up-fp32"] = (
         FUSED, "moe_gate_up_kernel", dict(META, x_ptr="*fp32", h_ptr="*fp32", w_ptr="*fp32"),
-        dict(TOP_K=2, QUANT=False, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4,
+        dict(UNIT_SCALE_STRIDE, TOP_K=2, QUANT=False, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), 4,
         f.fit_stages(3, 64, 64, 64, 2, 4, 4), _aligned("moe_gate_up_kernel"))
     return cases
 

@@ -1,8 +1,11 @@
 """Public lightning-attention ops: validation, backend dispatch, custom-op registration.
 
-Both ops are registered as ``torch.ops.mm1.*`` custom ops with fake implementations, so
+The ops are registered as ``torch.ops.mm1.*`` custom ops with fake implementations, so
 code calling them compiles with ``torch.compile(fullgraph=True)``; the backend is a plain
-string argument of the op, resolved before the call.
+string argument of the op, resolved before the call. ``mm1::lightning_attention_cached`` is the
+prefill on a slot-indexed state cache (mutated in place); :func:`lightning_attention` calls it
+when ``state_cache`` is given, and it resolves its backend as ``lightning_attention`` (same
+backends and CUDA kernel), so the registry keeps one public entry per public function.
 """
 from typing import Optional, Tuple
 
@@ -55,21 +58,59 @@ def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend):
     return prefill_fake_outputs(q, v, cu_seqlens, output_final_state)
 
 
+@torch.library.custom_op("mm1::lightning_attention_cached", mutates_args=("state_cache",))
+def _lightning_attention_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                                   state_cache: torch.Tensor, slot_ids: torch.Tensor,
+                                   cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
+                                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":  # in place: the kernels index the cache through slot_ids
+        from .triton_prefill import lightning_prefill_triton
+        o, final = lightning_prefill_triton(q, k, v, slopes, None, cu_seqlens, output_final_state,
+                                            state_cache=state_cache, slot_ids=slot_ids)
+    else:  # gather -> prefill -> scatter (no host sync); the CUDA kernels have no slot indexing yet
+        prefill = None
+        if backend == "cuda":
+            def prefill(q, k, v, slopes, init, cu):
+                return torch.ops.mm1.lightning_prefill_cuda(q, k, v, slopes, init, cu, True)
+        o, final = reference.lightning_chunked_cached(q, k, v, slopes, state_cache, slot_ids, cu_seqlens,
+                                                      prefill=prefill)
+    if not output_final_state or final is None:
+        final = q.new_empty(0, dtype=torch.float32)
+    return o, final
+
+
+@_lightning_attention_cached_op.register_fake
+def _(q, k, v, slopes, state_cache, slot_ids, cu_seqlens, output_final_state, backend):
+    return prefill_fake_outputs(q, v, cu_seqlens, output_final_state)
+
+
 @torch.library.custom_op("mm1::lightning_decode", mutates_args=("state_cache",))
 def _lightning_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                         state_cache: torch.Tensor, slot_ids: Optional[torch.Tensor],
-                         backend: str) -> torch.Tensor:
+                         state_cache: torch.Tensor, slot_ids: Optional[torch.Tensor], return_states: bool,
+                         backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, T, H, D]``; returns (o ``[B, T, H, Dv]``, per-token states or ``[0]``)."""
     if backend == "triton":
         from .triton_decode import lightning_decode_triton
-        return lightning_decode_triton(q, k, v, slopes, state_cache, slot_ids)
-    if backend == "cuda":
-        return torch.ops.mm1.lightning_decode_cuda(q, k, v, slopes, state_cache, slot_ids)
-    return reference.lightning_decode_reference(q, k, v, slopes, state_cache, slot_ids)
+        if return_states:
+            o, states = lightning_decode_triton(q, k, v, slopes, state_cache, slot_ids, return_states=True)
+        else:
+            o, states = lightning_decode_triton(q, k, v, slopes, state_cache, slot_ids), None
+    else:
+        # The CUDA kernel does one token per call: T > 1 runs as T single steps here.
+        step = torch.ops.mm1.lightning_decode_cuda if backend == "cuda" else reference.lightning_decode_reference
+        o, states = reference.lightning_decode_tokens_reference(q, k, v, slopes, state_cache, slot_ids,
+                                                                return_states, step=step)
+    if states is None:
+        states = q.new_empty(0, dtype=torch.float32)
+    return o, states
 
 
 @_lightning_decode_op.register_fake
-def _(q, k, v, slopes, state_cache, slot_ids, backend):
-    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+def _(q, k, v, slopes, state_cache, slot_ids, return_states, backend):
+    o = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    states = (q.new_empty(*q.shape, v.shape[-1], dtype=torch.float32) if return_states
+              else q.new_empty(0, dtype=torch.float32))
+    return o, states
 
 
 def _check_qkv_slopes(q, k, v, slopes, ndim):
@@ -89,7 +130,8 @@ def _check_qkv_slopes(q, k, v, slopes, ndim):
 @annotate("mm1.lightning_attention")
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-                        cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+                        cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
+                        state_cache: Optional[torch.Tensor] = None, slot_ids: Optional[torch.Tensor] = None):
     """Chunked lightning attention (prefill): ``o_t = q_t S_t``, ``S_t = exp(-s) S_{t-1} + k_t^T v_t``.
 
     Args:
@@ -101,13 +143,27 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
         cu_seqlens: optional int32/int64 ``[N+1]`` offsets for varlen input packed with ``B == 1``:
             sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]``; N = B otherwise.
         backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic; see ``_dispatch``).
+        state_cache: optional fp32 ``[S, H, D, Dv]`` contiguous slot-indexed state cache (a serving
+            engine's chunked prefill): sequence n starts from ``state_cache[slot_ids[n]]`` and its
+            final state is written back into that slot in place, so no gather/scatter is needed
+            around the call. A fresh sequence needs its slot zeroed first (as vLLM does).
+            Excludes ``initial_state`` (ValueError naming both).
+        slot_ids: int32/int64 ``[N]``, one slot per sequence (only with ``state_cache``; default:
+            sequence n uses slot n, needing N ≤ S). The non-negative slots must be distinct and
+            ``< S`` (ValueError). A negative slot marks a padding sequence: its slot is neither read
+            nor written, its outputs are 0 (and so is its ``final_state`` entry when requested).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, Dv]`` in q's dtype; final_state fp32 ``[N, H, D, Dv]``
-        or None when not requested.
+        or None when not requested (with ``state_cache``: the states also written to the slots).
 
     The state and all accumulation are fp32. The Triton kernel's docstring says how one
-    1,048,576-token sequence runs in one call with bounded scratch.
+    1,048,576-token sequence runs in one call with bounded scratch. With ``state_cache`` the
+    Triton kernels read and write the slots in place; the torch and CUDA backends gather the
+    slots' states, run, and scatter the final states back (the CUDA kernels have no slot
+    indexing yet), all without a host sync. The slot check is the one host sync (memoized per
+    ``slot_ids`` tensor, skipped during CUDA graph capture and torch.compile; an out-of-range
+    slot then leaves the cache untouched and gives NaN outputs on Triton).
     """
     H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
     B, T = q.shape[:2]
@@ -119,34 +175,60 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     else:
         n = B
     if initial_state is not None:
+        if state_cache is not None:
+            raise ValueError("pass either initial_state or state_cache (with slot_ids), not both: "
+                             "with state_cache the initial states are read from the slots")
         check_tensor("initial_state", initial_state, dtypes=(torch.float32,), shape=(n, H, D, DV),
                      device=device, contiguous=True)
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if state_cache is None:
+        if slot_ids is not None:
+            raise ValueError("slot_ids needs state_cache (the slot-indexed state cache it indexes)")
+        chosen = resolve_backend("lightning_attention", backend, device)
+        o, final = torch.ops.mm1.lightning_attention(q, k, v, slopes, initial_state, cu_seqlens,
+                                                     output_final_state, chosen)
+        return o, (final if output_final_state else None)
+    check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
+                 device=device, contiguous=True)
+    if slot_ids is None:
+        if n > state_cache.shape[0]:
+            raise ValueError(f"without slot_ids, sequence n uses slot n: {n} sequences > "
+                             f"{state_cache.shape[0]} slots")
+        slot_ids = torch.arange(n, dtype=torch.int32, device=device)
+    else:
+        check_slot_ids(slot_ids, n, state_cache.shape[0], device)
     chosen = resolve_backend("lightning_attention", backend, device)
-    o, final = torch.ops.mm1.lightning_attention(q, k, v, slopes, initial_state, cu_seqlens,
-                                                 output_final_state, chosen)
+    o, final = torch.ops.mm1.lightning_attention_cached(q, k, v, slopes, state_cache, slot_ids, cu_seqlens,
+                                                        output_final_state, chosen)
     return o, (final if output_final_state else None)
 
 
 @annotate("mm1.lightning_decode")
 def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                      state_cache: torch.Tensor, slot_ids: Optional[torch.Tensor] = None,
-                     backend: Optional[str] = None) -> torch.Tensor:
-    """One lightning decode step for a batch, updating ``state_cache`` in place.
+                     backend: Optional[str] = None, *, return_states: bool = False):
+    """Lightning decode for a batch, T ≥ 1 tokens per row, updating ``state_cache`` in place.
 
     Args:
-        q, k: ``[B, H, D]`` (or ``[B, 1, H, D]``); v: ``[B, H, Dv]`` (or ``[B, 1, H, Dv]``).
+        q, k: ``[B, H, D]`` (one token) or ``[B, T, H, D]`` (T tokens per row, applied in order:
+            speculative verify, prefix caching); v likewise with Dv.
         slopes: ``[H]`` fp32.
         state_cache: fp32 ``[S, H, D, Dv]`` contiguous; row b reads and writes slot ``slot_ids[b]``.
         slot_ids: int32/int64 ``[B]``; a negative slot marks a padding row (state untouched,
-            output zero). Default: row b uses slot b (needs ``B <= S``). Required: the
-            non-negative slots are distinct (each row updates its slot in place); a repeated
-            slot raises ValueError. Negative padding ids may repeat.
+            outputs zero, per-token states zero). Default: row b uses slot b (needs ``B <= S``).
+            Required: the non-negative slots are distinct (each row updates its slot in place);
+            a repeated slot raises ValueError. Negative padding ids may repeat.
         backend: as in :func:`lightning_attention`.
+        return_states: also return the fp32 state after each token, ``[B, T, H, D, Dv]``
+            (``[B, H, D, Dv]`` for ``[B, H, D]`` inputs): the caller keeps the accepted prefix's
+            state, e.g. ``state_cache[slot] = states[b, accepted - 1]``.
 
-    Returns ``o`` shaped like q (with v's last dimension), in q's dtype.
+    Returns ``o`` shaped like q (with v's last dimension), in q's dtype; with ``return_states``,
+    ``(o, states)``. The slot ends at the state after the last of the T tokens.
 
+    The Triton kernel walks the T tokens in one program (state in registers, the slot read and
+    written once); the CUDA kernel does one token per call, so its backend runs T steps.
     No host synchronization on the GPU except the slot check (range and distinctness; one copy
     of the ids, done once per ``slot_ids`` tensor while it is unmodified, so a model's layers
     sharing one tensor pay it once), which is skipped during CUDA graph capture and
@@ -154,14 +236,20 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
     return NaN for that row, so a bad id is loud, never an out-of-bounds write (repeated slots
     are then not detected: their rows race on one state).
     """
-    squeeze = q.dim() == 4
-    if squeeze:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.dim() != 4 or t.shape[1] != 1:
-                raise ValueError(f"{name} must be [B, H, D] or [B, 1, H, D], got {list(t.shape)}")
-        q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 3)
-    B = q.shape[0]
+    if not isinstance(return_states, bool):
+        raise TypeError(f"return_states must be a bool, got {type(return_states).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4) or t.dim() != q.dim():
+            raise ValueError(f"q, k, v must all be [B, H, D] or all [B, T, H, D]; {name} has shape {list(t.shape)}")
+    one_token = q.dim() == 3
+    if one_token:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
+    B, T = q.shape[:2]
+    if T < 1:
+        raise ValueError(f"q must hold at least one token per row, got shape {list(q.shape)}")
     device = q.device
     check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
                  device=device, contiguous=True)
@@ -170,8 +258,10 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
     elif B > state_cache.shape[0]:
         raise ValueError(f"without slot_ids, row b uses slot b: batch {B} > {state_cache.shape[0]} slots")
     chosen = resolve_backend("lightning_decode", backend, device)
-    o = torch.ops.mm1.lightning_decode(q, k, v, slopes, state_cache, slot_ids, chosen)
-    return o[:, None] if squeeze else o
+    o, states = torch.ops.mm1.lightning_decode(q, k, v, slopes, state_cache, slot_ids, return_states, chosen)
+    if one_token:
+        o, states = o[:, 0], (states[:, 0] if return_states else states)
+    return (o, states) if return_states else o
 
 
 def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:

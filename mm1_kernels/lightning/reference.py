@@ -164,3 +164,92 @@ def lightning_decode_reference(q, k, v, slopes, state_cache, slot_ids=None):
         state_cache[slots] = S
         o[valid] = torch.einsum("bhd,bhde->bhe", q[valid].float(), S).to(q.dtype)
     return o
+
+
+def lightning_decode_tokens_reference(q, k, v, slopes, state_cache, slot_ids=None, return_states=False,
+                                      step=lightning_decode_reference):
+    """T decode steps per row in order: q, k, v ``[B, T, H, D]``; ``state_cache`` updated in place.
+
+    Returns ``(o [B, T, H, Dv], states)``: ``states`` is None, or with ``return_states`` the fp32
+    state after each token ``[B, T, H, D, Dv]`` (zero for a padding row, NaN for an
+    out-of-range slot). ``step`` is the one-token step (this module's reference, or a backend's
+    ``[B, H, D]`` kernel with the same signature).
+    """
+    B, T = q.shape[:2]
+    o = torch.empty(B, T, q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
+    states = (torch.empty(B, T, *state_cache.shape[1:], dtype=torch.float32, device=q.device)
+              if return_states else None)
+    if return_states and slot_ids is None:
+        slot_ids = torch.arange(B, device=q.device)
+    for t in range(T):
+        o[:, t] = step(q[:, t], k[:, t], v[:, t], slopes, state_cache, slot_ids)
+        if return_states:
+            states[:, t] = gather_slot_states(state_cache, slot_ids)
+    return o, states
+
+
+def slot_fill(slot_ids, num_slots):
+    """``(valid, fill)`` per sequence: whether its slot is in ``[0, num_slots)``, and the value
+    written for one that does not run: 0.0 for padding (a negative slot), NaN for an
+    out-of-range slot (reachable only when the host check was skipped)."""
+    valid = (slot_ids >= 0) & (slot_ids < num_slots)
+    fill = torch.where(slot_ids < 0, 0.0, float("nan")).to(torch.float32)
+    return valid, fill
+
+
+def gather_slot_states(state_cache, slot_ids):
+    """``state_cache[slot_ids]`` (fp32 ``[N, H, D, Dv]``) without a host sync: 0 for a padding
+    (negative) slot, NaN for an out-of-range one."""
+    S = state_cache.shape[0]
+    valid, fill = slot_fill(slot_ids, S)
+    if S == 0:
+        return fill[:, None, None, None].expand(-1, *state_cache.shape[1:]).clone()
+    rows = state_cache.index_select(0, torch.where(valid, slot_ids, 0).long())
+    return torch.where(valid[:, None, None, None], rows, fill[:, None, None, None])
+
+
+def scatter_slot_states_(state_cache, slot_ids, states):
+    """``state_cache[slot_ids[n]] = states[n]`` in place for every valid (in-range, non-negative)
+    slot, other entries untouched, without a host sync (no boolean indexing): rows that must not
+    write are pointed at the slot of the first valid row and carry that row's very value, so the
+    duplicate writes agree whatever their order (or at slot 0, rewriting its own value)."""
+    S, N = state_cache.shape[0], slot_ids.shape[0]
+    if S == 0 or N == 0:
+        return state_cache
+    valid, _ = slot_fill(slot_ids, S)
+    idx = torch.where(valid, slot_ids, 0).long()
+    first = valid.int().argmax()                      # the first valid row, or 0 when none
+    any_valid = valid.any()
+    pad_slot = torch.where(any_valid, idx[first], 0)
+    pad_value = torch.where(any_valid, states[first].float(), state_cache[pad_slot])
+    idx = torch.where(valid, idx, pad_slot)
+    values = torch.where(valid[:, None, None, None], states.float(), pad_value)
+    state_cache.index_put_((idx,), values)
+    return state_cache
+
+
+def padding_token_fill(o, slot_ids, num_slots, cu_seqlens=None):
+    """``o [B, T, H, Dv]`` with the tokens of sequences that did not run (padding: 0; out-of-range
+    slot: NaN) replaced, without a host sync."""
+    valid, fill = slot_fill(slot_ids, num_slots)
+    if cu_seqlens is None:
+        return torch.where(valid[:, None, None, None], o, fill[:, None, None, None].to(o.dtype))
+    T = o.shape[1]
+    tok = torch.arange(T, device=o.device)
+    seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tok, right=True).clamp(max=slot_ids.shape[0] - 1)
+    return torch.where(valid[seq][None, :, None, None], o, fill[seq][None, :, None, None].to(o.dtype))
+
+
+def lightning_chunked_cached(q, k, v, slopes, state_cache, slot_ids, cu_seqlens=None, prefill=None):
+    """The slot-cached prefill by gather → prefill → scatter (the torch backend, and the CUDA
+    backend whose kernels have no slot indexing yet). Returns (o, final), final fp32 ``[N, H, D, Dv]``
+    with 0 for padding sequences. ``prefill(q, k, v, slopes, initial_state, cu_seqlens)`` returns
+    (o, final); default :func:`lightning_chunked`."""
+    prefill = prefill or lightning_chunked
+    S = state_cache.shape[0]
+    init = gather_slot_states(state_cache, slot_ids)
+    o, final = prefill(q, k, v, slopes, init, cu_seqlens)
+    valid, fill = slot_fill(slot_ids, S)
+    final = torch.where(valid[:, None, None, None], final, fill[:, None, None, None])
+    scatter_slot_states_(state_cache, slot_ids, final)
+    return padding_token_fill(o, slot_ids, S, cu_seqlens), final

@@ -28,6 +28,16 @@ SM on any GPU. The price of splitting is that segment contributions K^T V are co
 (passes 1 and 3): about 2·C·D² extra FLOPs per chunk on top of ~6·C·D² (C=64, D=128), which buys
 the parallelism one long sequence otherwise lacks; nothing is recomputed when not split.
 
+Slot-indexed state cache (``state_cache`` / ``slot_ids``, a serving engine's chunked prefill):
+``HAS_SLOTS`` makes ``init_state_ptr`` the cache ``[S, H, D, D]`` and indexes it through
+``slot_ids[seq]`` in place: the single pass reads the slot at its start and writes it at its end;
+when split, the scan reads the slot and the sequence's last segment (output pass) writes it, so
+no program reads a slot another program of the same launch writes. A negative slot (padding)
+skips all work: zero outputs, cache untouched. An out-of-range slot (host check skipped under
+graph capture) gives NaN outputs and leaves the cache untouched. For sm_90a at D=128 the bf16
+single pass with slots compiles to 255 registers and 8 B/thread of spills (Triton 3.6; 52 B with
+3.9), like the pass without slots (0-8 B; 16-60 B).
+
 Tile bases and state offsets are 64-bit (one 64-bit scalar base per chunk and tensor, 32-bit
 offsets inside the chunk), since ``T·H·D`` passes 2^31 at one million tokens. Decay exponents
 are never negative, so nothing overflows; ``λ^m`` underflows to 0 for fast heads, which is the
@@ -88,17 +98,18 @@ def lightning_segment_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr,
     seg_meta_ptr,             # int32 [G, 4]: sequence (-1 = idle program), batch row, t_start, t_end
     seg_state_ptr,            # fp32 [G, H, D, D]: written (LOCAL_PASS) or read (USE_SEG_STATE)
-    init_state_ptr,           # fp32 [N, H, D, D] (HAS_INIT)
-    final_state_ptr,          # fp32 [N, H, D, D] (STORE_FINAL)
+    init_state_ptr,           # fp32 [N, H, D, D] (HAS_INIT); with HAS_SLOTS the state cache [S, H, D, D]
+    final_state_ptr,          # fp32 [N, H, D, D] (STORE_FINAL), indexed by sequence
     seq_last_seg_ptr,         # int32 [N]: index of each sequence's last segment
+    slot_ptr,                 # int32/int64 [N] (HAS_SLOTS): each sequence's slot in the cache, < 0 = padding
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    H, D, DV,
+    H, D, DV, num_slots,
     C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     LOCAL_PASS: tl.constexpr, USE_SEG_STATE: tl.constexpr,
-    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, HAS_SLOTS: tl.constexpr,
     DOT_MODE: tl.constexpr,
 ):
     g = tl.program_id(0)
@@ -124,8 +135,32 @@ def lightning_segment_kernel(
     state_mask = mask_d[:, None] & mask_v[None, :]
     # 64-bit scalar bases, 32-bit offsets within one [D, DV] state.
     state_offs = offs_d[:, None] * DV + offs_v[None, :]
-    head_state = (seq.to(tl.int64) * H + h) * D * DV
+    final_head_state = (seq.to(tl.int64) * H + h) * D * DV
     seg_head_state = (g.to(tl.int64) * H + h) * D * DV
+    if HAS_SLOTS:
+        # Slot-indexed cache: the initial state is read from, and the final state written back
+        # to, slot_ids[seq] of init_state_ptr (in place). A padding sequence (slot < 0) neither
+        # reads nor writes the cache and gets zero outputs; an out-of-range slot (reachable only
+        # when the host check was skipped, e.g. during graph capture) gets NaN outputs and
+        # leaves the cache untouched.
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        if (slot < 0) | (slot >= num_slots):
+            if not LOCAL_PASS:
+                fill = tl.where(slot < 0, 0.0, float("nan"))
+                o_fill = (tl.zeros([C, BV], dtype=tl.float32) + fill).to(o_ptr.dtype.element_ty)
+                o_pad = o_ptr + row * stride_ob + h * stride_oh + t_start.to(tl.int64) * stride_ot
+                o_pad_offs = offs_c[:, None] * stride_ot + offs_v[None, :]
+                for t0 in range(t_start, t_end, C):
+                    tl.store(o_pad + o_pad_offs, o_fill, mask=(offs_c < t_end - t0)[:, None] & mask_v[None, :])
+                    o_pad += C * stride_ot
+                if STORE_FINAL:
+                    if is_last:
+                        tl.store(final_state_ptr + final_head_state + state_offs,
+                                 tl.zeros([BD, BV], dtype=tl.float32) + fill, mask=state_mask)
+            return
+        head_state = (slot * H + h) * D * DV
+    else:
+        head_state = final_head_state
 
     if USE_SEG_STATE:
         S = tl.load(seg_state_ptr + seg_head_state + state_offs, mask=state_mask, other=0.0)
@@ -189,22 +224,42 @@ def lightning_segment_kernel(
 
     if LOCAL_PASS:
         tl.store(seg_state_ptr + seg_head_state + state_offs, S, mask=state_mask)
-    elif STORE_FINAL:
+    else:
         if is_last:
-            tl.store(final_state_ptr + head_state + state_offs, S, mask=state_mask)
+            if HAS_SLOTS:
+                # Back into the sequence's slot, in place. The addresses are rebuilt from memory
+                # after the loop rather than kept live through it: the bf16 output pass sits at
+                # the register limit (ptxas: 4-52 B/thread of spills instead of 20-72).
+                seq_end = tl.load(seg_meta_ptr + g * 4 + 0).to(tl.int64)
+                slot_end = tl.load(slot_ptr + seq_end).to(tl.int64)
+                if STORE_FINAL:
+                    tl.store(final_state_ptr + (seq_end * H + h) * D * DV + state_offs, S, mask=state_mask)
+                tl.store(init_state_ptr + (slot_end * H + h) * D * DV + state_offs, S, mask=state_mask)
+            elif STORE_FINAL:
+                tl.store(final_state_ptr + final_head_state + state_offs, S, mask=state_mask)
 
 
 @interpreted_with_fixes
 @triton.jit
 def lightning_segment_scan_kernel(
-    slopes_ptr, seg_state_ptr, init_state_ptr, seq_first_seg_ptr, seq_last_seg_ptr,
-    H, D, DV, segment_len,
-    BD: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+    slopes_ptr, seg_state_ptr, init_state_ptr, seq_first_seg_ptr, seq_last_seg_ptr, slot_ptr,
+    H, D, DV, segment_len, num_slots,
+    BD: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SLOTS: tl.constexpr,
 ):
-    """Replace each segment's local state by its incoming state, sequence by sequence."""
+    """Replace each segment's local state by its incoming state, sequence by sequence.
+
+    With HAS_SLOTS the initial state is ``init_state_ptr[slot_ptr[n]]`` (the state cache); a
+    padding (negative) or out-of-range slot skips the sequence, whose output pass writes fills.
+    """
     n = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
+    if HAS_SLOTS:
+        init_row = tl.load(slot_ptr + n).to(tl.int64)
+        if (init_row < 0) | (init_row >= num_slots):
+            return
+    else:
+        init_row = n.to(tl.int64)
     first = tl.load(seq_first_seg_ptr + n)
     last = tl.load(seq_last_seg_ptr + n)
     s = tl.load(slopes_ptr + h).to(tl.float32)
@@ -217,7 +272,7 @@ def lightning_segment_scan_kernel(
     per_segment = tl.full([], H * D * DV, tl.int64)
     head_offs = h * D * DV + state_offs
     if HAS_INIT:
-        S = tl.load(init_state_ptr + n * per_segment + head_offs, mask=state_mask, other=0.0)
+        S = tl.load(init_state_ptr + init_row * per_segment + head_offs, mask=state_mask, other=0.0)
     else:
         S = tl.zeros([BD, BV], dtype=tl.float32)
     for g in range(first, last):
@@ -293,11 +348,17 @@ def _value_tile(dv: int) -> int:
 
 
 def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state,
-                             segment_len: int | None = None):
+                             segment_len: int | None = None, *, state_cache=None, slot_ids=None):
     """Triton prefill on validated inputs; see ``mm1_kernels.lightning_attention``.
 
     ``segment_len`` (a multiple of 64) forces the split into segments; by default it is chosen
     from the sizes and the SM count.
+
+    With ``state_cache`` (fp32 ``[S, H, D, Dv]``) and ``slot_ids`` (``[N]``; ``initial_state``
+    must then be None) sequence n starts from ``state_cache[slot_ids[n]]`` and its final state
+    is written back there in place: read by the single pass (or by the scan when split) and
+    written by the sequence's last segment. A negative slot is a padding sequence: zero
+    outputs (and a zero ``final`` entry), cache untouched.
     """
     B, T, H, D = q.shape
     DV = v.shape[-1]
@@ -312,6 +373,11 @@ def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_
         cu = cu_seqlens.to(torch.int64).clamp(0, T)
         bos, eos = cu[:-1], torch.maximum(cu[1:], cu[:-1])
         rows = torch.zeros(N, dtype=torch.int64, device=device)
+    has_slots = state_cache is not None
+    if has_slots:
+        if initial_state is not None or slot_ids is None:
+            raise ValueError("state_cache needs slot_ids and excludes initial_state")
+        initial_state = state_cache
     BD = max(16, triton.next_power_of_2(D))
     BV = _value_tile(DV)
     nv = triton.cdiv(DV, BV)
@@ -326,28 +392,32 @@ def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_
     final = torch.empty(N, H, D, DV, dtype=torch.float32, device=device) if output_final_state else None
     dummy = torch.empty(1, dtype=torch.float32, device=device)
     init = initial_state if initial_state is not None else dummy
+    slots = slot_ids if has_slots else last
+    num_slots = state_cache.shape[0] if has_slots else 0
     dot_mode = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "bf16x2"}[q.dtype]
     num_warps = 8 if BD >= 128 else 4
-    common = dict(C=CHUNK, BD=BD, BV=BV, DOT_MODE=dot_mode, num_warps=num_warps)
+    common = dict(C=CHUNK, BD=BD, BV=BV, DOT_MODE=dot_mode, HAS_SLOTS=has_slots, num_warps=num_warps)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
     grid = (G, H, nv)
     if segment_len is None:
         lightning_segment_kernel[grid](
-            q, k, v, o, slopes, meta, dummy, init, final if final is not None else dummy, last,
-            *strides, H, D, DV, LOCAL_PASS=False, USE_SEG_STATE=False,
+            q, k, v, o, slopes, meta, dummy, init, final if final is not None else dummy, last, slots,
+            *strides, H, D, DV, num_slots, LOCAL_PASS=False, USE_SEG_STATE=False,
             HAS_INIT=initial_state is not None, STORE_FINAL=final is not None, **common)
         return o, final
 
     seg_state = torch.empty(G, H, D, DV, dtype=torch.float32, device=device)
     lightning_segment_kernel[grid](
-        q, k, v, o, slopes, meta, seg_state, dummy, dummy, last,
-        *strides, H, D, DV, LOCAL_PASS=True, USE_SEG_STATE=False,
+        q, k, v, o, slopes, meta, seg_state, dummy, dummy, last, slots,
+        *strides, H, D, DV, num_slots, LOCAL_PASS=True, USE_SEG_STATE=False,
         HAS_INIT=False, STORE_FINAL=False, **common)
     lightning_segment_scan_kernel[(N, H, nv)](
-        slopes, seg_state, init, first, last, H, D, DV, segment_len,
-        BD=BD, BV=BV, HAS_INIT=initial_state is not None, num_warps=4)
+        slopes, seg_state, init, first, last, slots, H, D, DV, segment_len, num_slots,
+        BD=BD, BV=BV, HAS_INIT=initial_state is not None, HAS_SLOTS=has_slots, num_warps=4)
+    # The output pass reads incoming states from seg_state only; with slots it writes each
+    # sequence's final state back into the cache (init) from the sequence's last segment.
     lightning_segment_kernel[grid](
-        q, k, v, o, slopes, meta, seg_state, dummy, final if final is not None else dummy, last,
-        *strides, H, D, DV, LOCAL_PASS=False, USE_SEG_STATE=True,
+        q, k, v, o, slopes, meta, seg_state, init, final if final is not None else dummy, last, slots,
+        *strides, H, D, DV, num_slots, LOCAL_PASS=False, USE_SEG_STATE=True,
         HAS_INIT=False, STORE_FINAL=final is not None, **common)
     return o, final

@@ -39,18 +39,20 @@ def _(router_logits, top_k, renormalize, backend):
 @torch.library.custom_op("mm1::fused_moe", mutates_args=())
 def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor],
-                  w2_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+                  w2_scale: Optional[torch.Tensor], backend: str,
+                  expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     if backend == "triton":
         from .triton_fused_moe import fused_moe_triton
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map)
     return reference.fused_moe_reference(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
-                                         compute_dtype=torch.float32).to(x.dtype)
+                                         compute_dtype=torch.float32,
+                                         expert_map=expert_map).to(x.dtype)
 
 
 @_fused_moe_op.register_fake
-def _(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend):
+def _(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map=None):
     return torch.empty_like(x)
 
 
@@ -86,12 +88,15 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = T
     return torch.ops.mm1.moe_route(router_logits, top_k, renormalize, chosen)
 
 
-def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids):
+def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids,
+                    expert_map=None):
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     device = x.device
     T, hidden = x.shape
-    # Expert weights are in x's dtype, or int8 weight-only with scales.
-    check_tensor("w13", w13, dtypes=(x.dtype, torch.int8), ndim=3, device=device, contiguous=True)
+    # Expert weights are in x's dtype, or int8 weight-only with scales. Any expert and row
+    # strides (views of padded buffers): the kernels take strides, nothing is copied.
+    check_tensor("w13", w13, dtypes=(x.dtype, torch.int8), ndim=3, device=device,
+                 last_dim_contiguous=True)
     quantized = w13.dtype == torch.int8
     E, two_i, w_hidden = w13.shape
     if w_hidden != hidden:
@@ -100,7 +105,7 @@ def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, che
         raise ValueError(f"w13 must stack gate and up rows: its dimension 1 (2I) must be even "
                          f"and positive, got {two_i}")
     inter = two_i // 2
-    check_tensor("w2", w2, ndim=3, device=device, contiguous=True)
+    check_tensor("w2", w2, ndim=3, device=device, last_dim_contiguous=True)
     if w2.dtype != w13.dtype:
         raise TypeError(f"w2 and w13 must share one dtype, got w2={w2.dtype}, w13={w13.dtype}")
     if w2.shape[0] != E:
@@ -111,59 +116,85 @@ def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, che
             raise ValueError("int8 expert weights need w13_scale [E, 2I] and w2_scale [E, hidden] "
                              "(see quantize_moe_weights)")
         check_tensor("w13_scale", w13_scale, dtypes=(torch.float32,), shape=(E, two_i),
-                     device=device, contiguous=True)
+                     device=device)
         check_tensor("w2_scale", w2_scale, dtypes=(torch.float32,), shape=(E, hidden),
-                     device=device, contiguous=True)
+                     device=device)
     elif w13_scale is not None or w2_scale is not None:
         raise ValueError(f"w13_scale / w2_scale are only for int8 expert weights; the weights are "
                          f"{w13.dtype}")
     check_tensor("topk_ids", topk_ids, dtypes=INDEX_DTYPES, ndim=2, device=device)
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, dtypes=INDEX_DTYPES, ndim=1, device=device)
+        if expert_map.shape[0] == 0:
+            raise ValueError("expert_map must have one entry per global expert, got an empty map")
+    num_ids = E if expert_map is None else expert_map.shape[0]
+    what = "E" if expert_map is None else "len(expert_map)"
     k = topk_ids.shape[1]
     if topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows but x has {T} tokens")
-    if not 1 <= k <= E:
-        raise ValueError(f"topk_ids picks {k} experts per token; must be in [1, E={E}]")
+    if not 1 <= k <= num_ids:
+        raise ValueError(f"topk_ids picks {k} experts per token; must be in [1, {what}={num_ids}]")
     check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(T, k), device=device)
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     if check_ids:
-        check_index_range("topk_ids", topk_ids, E, "the number of experts")
+        if expert_map is None:
+            check_index_range("topk_ids", topk_ids, E, "the number of experts")
+        else:
+            check_index_range("topk_ids", topk_ids, num_ids,
+                              "global expert ids: the length of expert_map")
+            check_index_range("expert_map", expert_map, E,
+                              "local experts: w13's first dimension; -1 = on another rank",
+                              ignore_value=-1)
 
 
 @annotate("mm1.fused_moe")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
               w2_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-              check_ids: bool = True) -> torch.Tensor:
+              check_ids: bool = True, *, expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The experts of an M1 MoE block and the weighted top-k sum.
 
     ``y[t] = Σ_j topk_weights[t, j] · W2[e] (silu(W1[e] x[t]) * W3[e] x[t])``, ``e = topk_ids[t, j]``.
 
     Args:
         x: ``[T, hidden]`` bf16, fp16 or fp32, unit stride in the last dimension.
-        w13: ``[E, 2I, hidden]`` contiguous: gate (W1) rows ``[0, I)`` then up (W3) rows
-            ``[I, 2I)``; x's dtype, or int8 with ``w13_scale``.
-        w2: ``[E, hidden, I]`` contiguous, same dtype as w13.
+        w13: ``[E, 2I, hidden]``: gate (W1) rows ``[0, I)`` then up (W3) rows ``[I, 2I)``; x's
+            dtype, or int8 with ``w13_scale``. Unit stride in the last dimension; the expert and
+            row strides are free, so a view of a padded buffer (``buf[..., :hidden]``) is read in
+            place, never copied.
+        w2: ``[E, hidden, I]``, same dtype as w13, same stride rules.
         topk_weights: ``[T, k]`` float (fp32 from :func:`moe_route`).
-        topk_ids: ``[T, k]`` int32/int64 in ``[0, E)``.
+        topk_ids: ``[T, k]`` int32/int64 in ``[0, E)``; global ids in ``[0, len(expert_map))``
+            when ``expert_map`` is given.
         w13_scale, w2_scale: fp32 ``[E, 2I]`` and ``[E, hidden]`` per-output-channel scales of int8
-            weights (:func:`quantize_moe_weights`); ``w ≈ w_q * scale[..., None]``.
+            weights (:func:`quantize_moe_weights`); ``w ≈ w_q * scale[..., None]``. Any strides.
         backend: ``"torch"``, ``"triton"`` or None (automatic; see ``_dispatch``).
-        check_ids: verify on the host that every id is in ``[0, E)``. On a GPU that read is a
+        check_ids: verify on the host that every id is in ``[0, E)`` (with a map: ids in
+            ``[0, len(expert_map))`` and map values in ``[-1, E)``). On a GPU that read is a
             host synchronization per call (80 per forward in M1, one per layer); callers whose
             ids come straight from :func:`moe_route` pass False.
+        expert_map: expert parallelism, vLLM's convention (``fused_experts(...,
+            expert_map=...)``): int32/int64 ``[G]`` on x's device mapping each *global* expert
+            id to its index in this rank's ``w13``/``w2`` (first dimension E), or -1 when the
+            expert lives on another rank. A slot whose expert is not local contributes exactly
+            zero to ``y`` (its weight is not read), so summing every rank's output gives the
+            full MoE. The map is applied on the device inside the alignment kernel: non-local
+            slots are dropped before the GEMMs, no host sync, grids still sized from shapes.
 
     Returns ``y [T, hidden]`` in x's dtype. Accumulation is fp32; deterministic (no atomics).
     Not batch invariant in the last bits: the Triton tiles (hence the K accumulation order)
     follow the token-count bucket of ``triton_fused_moe.moe_config``.
 
-    The id range check is also skipped during CUDA graph capture and torch.compile; the Triton
-    kernels then give NaN rows for tokens with an out-of-range id (never an out-of-bounds
-    access). The same ids tensor, unmodified, is checked once (as lightning's slot ids are).
+    The id range check is also skipped during CUDA graph capture and torch.compile; both
+    backends then give NaN rows for tokens with an out-of-range id or map value (never an
+    out-of-bounds access). The same ids tensor, unmodified, is checked once (as lightning's slot ids are).
     """
-    _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids)
+    _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids,
+                    expert_map)
     chosen = resolve_backend("fused_moe", backend, x.device)
-    return torch.ops.mm1.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, chosen)
+    return torch.ops.mm1.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, chosen,
+                                   expert_map)
 
 
 def quantize_moe_weights(w13: torch.Tensor, w2: torch.Tensor):

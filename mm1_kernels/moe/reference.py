@@ -84,14 +84,21 @@ def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                         topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                         w13_scale: Optional[torch.Tensor] = None,
                         w2_scale: Optional[torch.Tensor] = None,
-                        compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                        compute_dtype: Optional[torch.dtype] = None,
+                        expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The expert computation and the weighted top-k sum.
 
     Args:
         x ``[T, hidden]``; w13 ``[E, 2I, hidden]``; w2 ``[E, hidden, I]`` (float, or int8 with
         w13_scale ``[E, 2I]`` / w2_scale ``[E, hidden]``); topk_weights ``[T, k]``;
-        topk_ids ``[T, k]`` integer in ``[0, E)``.
+        topk_ids ``[T, k]`` integer in ``[0, E)``, or global ids in ``[0, G)`` with
+        ``expert_map``.
         compute_dtype: default fp32 (fp64 if any float input is fp64).
+        expert_map: optional ``[G]`` integer, expert parallelism as in vLLM: global id → index
+            into this rank's ``w13``/``w2``, or -1 when the expert lives on another rank. Such a
+            slot contributes exactly zero (its weight and row are never used).
+
+    An id (or map value) out of range gives that token a NaN row, as the Triton kernels do.
 
     Returns ``[T, hidden]`` in ``compute_dtype`` (callers cast).
 
@@ -109,8 +116,19 @@ def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     flat_ids = topk_ids.reshape(-1).to(torch.int64)
     flat_w = topk_weights.reshape(-1).to(dtype)
     rows = torch.zeros(T * k, hidden, dtype=dtype, device=x.device)
+    if expert_map is not None:
+        G = expert_map.shape[0]
+        known = (flat_ids >= 0) & (flat_ids < G)
+        mapped = expert_map.to(torch.int64)[flat_ids.clamp(0, max(G - 1, 0))]
+        flat_ids = torch.where(known, mapped, torch.full_like(flat_ids, -2))
+        flat_ids = torch.where(flat_ids >= -1, flat_ids, -2)  # -1: another rank's expert
+    else:
+        flat_ids = torch.where(flat_ids >= 0, flat_ids, -2)
+    placed = (flat_ids >= 0) & (flat_ids < E)
+    rows[~placed & (flat_ids != -1)] = float("nan")  # an invalid id or map value
+    flat_ids = torch.where(placed, flat_ids, E)  # sorts last, counted in an extra bin
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=E).tolist()
+    counts = torch.bincount(flat_ids, minlength=E + 1).tolist()[:E]
     start = 0
     for e, n in enumerate(counts):
         if n == 0:

@@ -12,7 +12,10 @@ can be captured in a CUDA graph):
    at most BLOCK_M-1 rows); tiles with expert -1 return before loading anything, so padding
    tiles load no weights, and padding rows inside a tile load no activations. Counting and
    ranking use one-hot compares and a cumulative sum over [entries × experts] in registers:
-   no atomics, so the order is deterministic.
+   no atomics, so the order is deterministic. Expert parallelism: with an ``expert_map``
+   (global id → local index, -1 = on another rank; vLLM's convention) ids are mapped *before*
+   counting, so entries of experts held elsewhere are never placed, cost no GEMM rows, and E
+   (hence the static grid bound) is the local expert count.
 2. ``moe_gate_up_kernel``: program (row tile, column tile of I). It gathers its rows of x
    straight from x through ``sorted_ids`` (no permuted copy of x), accumulates the gate
    (w13 rows n) and up (w13 rows I+n) tiles of the same columns side by side in fp32, and
@@ -21,9 +24,11 @@ can be captured in a CUDA graph):
 3. ``moe_down_kernel``: program (row tile, column tile of hidden); ``h @ w2[e]^T`` times the
    entry's routing weight in the epilogue, stored as fp32 row ``entry`` of ``rows [N, hidden]``.
 4. ``moe_combine_kernel``: ``y[t] = Σ_j rows[t·k + j]`` in slot order j = 0..k-1, then the cast
-   to x's dtype. Fixed order and no atomics: bitwise deterministic. A token with an
-   out-of-range expert id (possible only when the host check was skipped under graph capture or
-   torch.compile) was never placed by step 1, and its output row is NaN rather than garbage.
+   to x's dtype. Fixed order and no atomics: bitwise deterministic. A slot whose expert the map
+   places on another rank adds exactly zero (its row was never computed; its weight is never
+   read). A token with an out-of-range expert id or map value (possible only when the host
+   check was skipped under graph capture or torch.compile) was never placed by step 1, and its
+   output row is NaN rather than garbage.
 
 int8 weight-only experts: weights are loaded as int8 (half the bytes of bf16, the point at
 small batch), converted to the activation dtype in registers (exact: |q| ≤ 127 fits bf16's
@@ -34,6 +39,10 @@ Precision: fp32 accumulation everywhere; fp32 inputs use ``input_precision="ieee
 ``h`` is stored in x's dtype (as the tensor-core operand of GEMM 2 needs), the per-entry rows in
 fp32. Offsets that scale with T (x rows, h rows, output rows) and with the expert index (weight
 slabs: 32·2·9216·6144 elements pass 2^31) are 64-bit.
+
+Strides: weights are read through their expert and row strides (``w[e, n, k]`` at
+``e·stride_we + n·stride_wn + k``), scales through both of theirs, so views of padded or
+interleaved buffers (vLLM pads weight rows for alignment) are used in place, never copied.
 """
 from __future__ import annotations
 
@@ -44,18 +53,36 @@ import triton.language as tl
 from .._triton_interpret import interpreted_with_fixes
 
 
+@triton.jit
+def local_expert(ids, map_ptr, E, G, HAS_MAP: tl.constexpr):
+    """The local expert of each id: in ``[0, E)``, -1 for an expert the map places on another
+    rank (contributes zero), -2 for an id or map value out of range (never placed; NaN row).
+
+    Without a map the ids are local already. With one, ids are global, in ``[0, G)``, and
+    ``map_ptr[id]`` is the local index or -1. Range tests come before any narrowing cast, so a
+    huge int64 id cannot wrap into range."""
+    if HAS_MAP:
+        known = (ids >= 0) & (ids < G)
+        local = tl.load(map_ptr + ids, mask=known, other=-2)
+        local = tl.where(known & (local >= -1) & (local < E), local, -2)
+    else:
+        local = tl.where((ids >= 0) & (ids < E), ids, -2)
+    return local.to(tl.int32)
+
+
 @interpreted_with_fixes
 @triton.jit
-def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, N, E, max_blocks,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
+def moe_align_kernel(ids_ptr, map_ptr, sorted_ids_ptr, block_expert_ptr, N, E, G, max_blocks,
+                     HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):
     experts = tl.arange(0, BLOCK_E)
-    # Entries per expert. Ids outside [0, E) match no column and are simply never placed.
+    # Entries per local expert. Non-local (-1) and invalid (-2) entries match no column and are
+    # simply never placed: the GEMMs never see them. [E, BLOCK_E) are padding columns.
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for start in range(0, N, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
-        ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
-        ids = tl.where(ids < E, ids, -1)  # [E, BLOCK_E) are padding columns, not experts
+        ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
+        ids = local_expert(ids, map_ptr, E, G, HAS_MAP)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
@@ -83,8 +110,8 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, N, E, max_blocks
     running = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for start in range(0, N, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
-        ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
-        ids = tl.where(ids < E, ids, -1)
+        ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
+        ids = local_expert(ids, map_ptr, E, G, HAS_MAP)
         hit = (ids[:, None] == experts[None, :]).to(tl.int32)
         before = tl.cumsum(hit, axis=0) - hit
         dest = tl.sum(hit * (before + (padded_start + running)[None, :]), axis=1)
@@ -96,7 +123,7 @@ def moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, N, E, max_blocks
 @interpreted_with_fixes
 @triton.jit
 def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
-                       N, I, K, stride_xt, stride_we, stride_wn,
+                       N, I, K, stride_xt, stride_we, stride_wn, stride_se, stride_sn,
                        TOP_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -134,9 +161,9 @@ def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_exp
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     if QUANT:
-        s_base = scale_ptr + expert.to(tl.int64) * 2 * I
-        acc_g *= tl.load(s_base + offs_n, mask=n_ok, other=0.0)[None, :]
-        acc_u *= tl.load(s_base + I + offs_n, mask=n_ok, other=0.0)[None, :]
+        s_ptrs = scale_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn
+        acc_g *= tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
+        acc_u *= tl.load(s_ptrs + I * stride_sn, mask=n_ok, other=0.0)[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -145,7 +172,7 @@ def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_exp
 @interpreted_with_fixes
 @triton.jit
 def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_ptr,
-                    block_expert_ptr, N, H, I, stride_we, stride_wn,
+                    block_expert_ptr, N, H, I, stride_we, stride_wn, stride_se, stride_sn,
                     QUANT: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -173,7 +200,8 @@ def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_pt
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if QUANT:
-        acc *= tl.load(scale_ptr + expert.to(tl.int64) * H + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc *= tl.load(scale_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn,
+                       mask=n_ok, other=0.0)[None, :]
     route_w = tl.load(topk_w_ptr + entry, mask=row_ok, other=0.0)
     acc *= route_w[:, None]
     out_ptrs = rows_ptr + entry.to(tl.int64)[:, None] * H + offs_n[None, :]
@@ -182,16 +210,19 @@ def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_pt
 
 @interpreted_with_fixes
 @triton.jit
-def moe_combine_kernel(rows_ptr, ids_ptr, out_ptr, H, E, stride_ot,
-                       TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def moe_combine_kernel(rows_ptr, ids_ptr, map_ptr, out_ptr, H, E, G, stride_ot,
+                       TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = offs < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        e = tl.load(ids_ptr + t * TOP_K + j)
+        e = local_expert(tl.load(ids_ptr + t * TOP_K + j), map_ptr, E, G, HAS_MAP)
+        # Only placed entries have a row (an unplaced one is in bounds but unwritten, and the
+        # where below drops it): a non-local one (-1) adds exactly zero whatever its weight, an
+        # invalid one (-2) NaN.
         r = tl.load(rows_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0)
-        acc += tl.where((e >= 0) & (e < E), r, float("nan"))
+        acc += tl.where(e >= 0, r, tl.where(e == -1, 0.0, float("nan")))
     tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -261,13 +292,16 @@ def fit_stages(stages: int, block_m: int, block_n: int, block_k: int, n_weight_t
     return stages
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+              expert_map: torch.Tensor | None = None):
     """Permutation metadata for ``topk_ids [T, k]``: ``(sorted_ids, block_expert, max_blocks)``.
 
     ``sorted_ids`` int32 ``[max_blocks · block_m]`` holds entry indices ``t·k + j`` grouped by
-    expert, each group padded to ``block_m`` with the sentinel ``T·k``; ``block_expert`` int32
-    ``[max_blocks]`` the expert of each row tile, -1 past the end. ``max_blocks`` depends only on
-    the shapes.
+    (local) expert, each group padded to ``block_m`` with the sentinel ``T·k``; ``block_expert``
+    int32 ``[max_blocks]`` the local expert of each row tile, -1 past the end. With
+    ``expert_map [G]`` (global id → local index, -1 = on another rank) the ids are global and
+    are mapped first; entries whose expert is not local are left out. ``max_blocks`` depends
+    only on the shapes (``num_experts`` is the local count).
     """
     n = topk_ids.numel()
     max_blocks = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m)
@@ -275,14 +309,22 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
     block_e = max(16, triton.next_power_of_2(num_experts))
-    block_n = max(16, min(triton.next_power_of_2(n), max(16, 8192 // block_e)))
-    moe_align_kernel[(1,)](topk_ids.reshape(-1), sorted_ids, block_expert, n, num_experts, max_blocks,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=block_e,
+    has_map = expert_map is not None
+    # Entries × experts one-hot tiles live in registers; the map's gather needs room too
+    # (sm_90a, 16 experts: 512-entry tiles take 244-249 registers with a map, 256 take ~125).
+    block_n = max(16, min(triton.next_power_of_2(n), max(16, (4096 if has_map else 8192) // block_e)))
+    ids = topk_ids.reshape(-1)
+    moe_align_kernel[(1,)](ids, expert_map if has_map else ids, sorted_ids, block_expert, n,
+                           num_experts, expert_map.shape[0] if has_map else num_experts, max_blocks,
+                           HAS_MAP=has_map, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=block_e,
                            BLOCK_S=max(16, min(1024, 8192 // block_e)), num_warps=4)
     return sorted_ids, block_expert, max_blocks
 
 
-def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None):
+def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
+                     expert_map=None):
+    """Launches the four kernels. Weights and scales are read through their strides (only the
+    weights' last dimension must be unit stride), so views of padded buffers cost no copy."""
     T, hidden = x.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
@@ -294,7 +336,9 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scal
     bm = cfg["BLOCK_M"]
     ids = topk_ids.contiguous()
     route_w = topk_weights.to(torch.float32).contiguous()
-    sorted_ids, block_expert, max_blocks = moe_align(ids, E, bm)
+    has_map = expert_map is not None
+    emap = expert_map.contiguous() if has_map else ids  # [G] ints: tiny
+    sorted_ids, block_expert, max_blocks = moe_align(ids, E, bm, emap if has_map else None)
 
     act_bytes = x.element_size()
     stages1 = fit_stages(cfg["num_stages"], bm, cfg["BLOCK_N1"], cfg["BLOCK_K1"], 2, act_bytes,
@@ -305,9 +349,11 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scal
     h = torch.empty(max_blocks * bm, inter, dtype=x.dtype, device=x.device)
     scale13 = w13_scale if quant else x  # an unused pointer when not quantized
     scale2 = w2_scale if quant else x
+    s13_strides = tuple(w13_scale.stride()) if quant else (0, 0)
+    s2_strides = tuple(w2_scale.stride()) if quant else (0, 0)
     moe_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg["BLOCK_N1"]))](
         x, w13, scale13, h, sorted_ids, block_expert, n, inter, hidden,
-        x.stride(0), w13.stride(0), w13.stride(1),
+        x.stride(0), w13.stride(0), w13.stride(1), *s13_strides,
         TOP_K=top_k, QUANT=quant, PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
         num_warps=cfg["num_warps"], num_stages=stages1)
@@ -315,7 +361,7 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scal
     rows = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
     moe_down_kernel[(max_blocks, triton.cdiv(hidden, cfg["BLOCK_N2"]))](
         h, w2, scale2, route_w, rows, sorted_ids, block_expert, n, hidden, inter,
-        w2.stride(0), w2.stride(1),
+        w2.stride(0), w2.stride(1), *s2_strides,
         QUANT=quant, PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
         num_warps=cfg["num_warps"], num_stages=stages2)
@@ -323,5 +369,6 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scal
     out = torch.empty(T, hidden, dtype=x.dtype, device=x.device)
     block_h = min(1024, max(16, triton.next_power_of_2(hidden)))
     moe_combine_kernel[(T, triton.cdiv(hidden, block_h))](
-        rows, ids, out, hidden, E, out.stride(0), TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+        rows, ids, emap, out, hidden, E, emap.shape[0] if has_map else E, out.stride(0),
+        TOP_K=top_k, HAS_MAP=has_map, BLOCK_H=block_h, num_warps=4)
     return out
