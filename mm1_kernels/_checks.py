@@ -90,15 +90,17 @@ _cu_seqlens_memo = _ValueCheckMemo()
 _slot_ids_memo = _ValueCheckMemo()
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.device) -> int:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.device,
+                     values: bool = True) -> int:
     """Validate varlen offsets ``[N+1]``: int32, 0 first, non-decreasing, ``total_tokens`` last.
 
-    Returns N, the number of sequences.
+    Returns N, the number of sequences. ``values=False`` checks only dtype, shape and device
+    (the caller vouches for the values: no host sync).
     """
     check_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES, ndim=1, device=device, contiguous=True)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets ([0, T]), got {cu_seqlens.numel()}")
-    if can_check_device_values(cu_seqlens) and not _cu_seqlens_memo.hit(cu_seqlens, total_tokens):
+    if values and can_check_device_values(cu_seqlens) and not _cu_seqlens_memo.hit(cu_seqlens, total_tokens):
         cu = cu_seqlens.detach().to("cpu", torch.int64)
         if int(cu[0]) != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
@@ -110,14 +112,17 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.
     return cu_seqlens.numel() - 1
 
 
-def check_slot_ids(slot_ids: torch.Tensor, batch: int, num_slots: int, device: torch.device) -> None:
+def check_slot_ids(slot_ids: torch.Tensor, batch: int, num_slots: int, device: torch.device,
+                   values: bool = True) -> None:
     """Validate ``slot_ids [B]``: integer, on the device, each < ``num_slots`` (negative = padding),
     and the non-negative ones distinct (two rows updating one slot in place would race).
 
-    One host sync (a copy of the B ids), memoized like :func:`check_cu_seqlens`.
+    One host sync (a copy of the B ids), memoized like :func:`check_cu_seqlens`; none with
+    ``values=False`` (dtype, shape and device only).
     """
     check_tensor("slot_ids", slot_ids, dtypes=INDEX_DTYPES, shape=(batch,), device=device, contiguous=True)
-    if can_check_device_values(slot_ids) and slot_ids.numel() and not _slot_ids_memo.hit(slot_ids, num_slots):
+    if values and can_check_device_values(slot_ids) and slot_ids.numel() \
+            and not _slot_ids_memo.hit(slot_ids, num_slots):
         ids = slot_ids.detach().to("cpu", torch.int64)
         hi = int(ids.max())
         if hi >= num_slots:

@@ -164,6 +164,7 @@ def test_seg_la_varlen_prefill_fresh_and_continued(backend, layout):
     lens = [5, 3, 4]
     q, k, v = qkv(sum(lens), seed=3)
     base = torch.randn(4, H, D, D)
+    base[3] = float("nan")  # the fresh request's slot holds garbage; SGLang never reads it
     if layout == "strided":
         buf = torch.randn(4, H, D, D + 8)
         buf[..., :D] = base
@@ -184,6 +185,19 @@ def test_seg_la_varlen_prefill_fresh_and_continued(backend, layout):
             assert_close_to_reference(o[t], ref, tol=1e-5)
         assert_close_to_reference(s[int(slots[b])], S, tol=1e-5)
     assert torch.equal(s[1], before[1]) and torch.equal(s[2], before[2])
+
+
+def test_seg_la_check_ids_false_skips_the_host_check():
+    """Duplicate slots are refused by the default host check; check_ids=False (a serving loop
+    that vouches for SGLang's metadata) does no host work, so it cannot see them."""
+    q, k, v = qkv(2, seed=5)
+    s = torch.zeros(4, H, D, D)
+    meta = SimpleNamespace(batch_size=2, s_offsets=torch.tensor([1, 1]), q_offsets=torch.arange(3), mask=None)
+    with pytest.raises(ValueError, match="slot_ids must be distinct"):
+        shim.seg_la_fwd(q, k, v, s, SLOPES, meta, softmax_scale=1.0)
+    ok = SimpleNamespace(batch_size=2, s_offsets=torch.tensor([1, 3]), q_offsets=torch.arange(3), mask=None)
+    o = shim.seg_la_fwd(q, k, v, s, SLOPES, ok, softmax_scale=1.0, check_ids=False)
+    assert torch.isfinite(o).all()
 
 
 def test_seg_la_rejects_tree_mask_and_vk_layout():

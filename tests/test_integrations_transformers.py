@@ -251,3 +251,20 @@ def test_triton_backend_through_the_patch(ref, pat, monkeypatch):
     assert torch.equal(got.sequences, want.sequences)
     for step_got, step_want in zip(got.logits, want.logits):  # the prefill's last row, then decode
         assert rel_err(step_got, step_want) <= 1e-5
+
+
+def test_experts_follow_transformers_expert_parallel_sentinel(ref, pat):
+    """transformers marks an expert on another rank with the id E (its experts skip that one-hot
+    class): the patched experts must add exactly zero for it, as the unpatched ones do."""
+    mlp_ref = next(m for m in fp64_truth(ref).modules() if type(m).__name__ == "MiniMaxExperts")
+    mlp_pat = next(m for m in pat.modules() if type(m).__name__ == "MiniMaxExperts")
+    E = mlp_pat.gate_up_proj.shape[0]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, mlp_pat.gate_up_proj.shape[-1], generator=g)
+    ids = torch.tensor([[0, E], [E, 2], [1, 3], [E, E], [2, 0]])
+    w = torch.rand(5, 2, generator=g)
+    want = mlp_ref(x.double(), ids, w.double())
+    got = mlp_pat(x, ids, w)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[3], torch.zeros_like(got[3]))           # both experts on other ranks
+    assert_close_to_reference(got, want, tol=1e-5)

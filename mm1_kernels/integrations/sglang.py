@@ -30,6 +30,8 @@ import torch
 
 import mm1_kernels as mk
 
+from .._checks import check_cu_seqlens, check_slot_ids
+from ._common import sentinel_expert_map
 from .vllm import (
     _check_activation,
     _expert_scales,
@@ -48,19 +50,6 @@ __all__ = ["fused_experts", "linear_decode_forward_triton", "seg_la_fwd"]
 _RUNNER_DEFAULTS = dict(activation="silu", is_gated=True, apply_router_weight_on_input=False, inplace=True,
                         no_combine=False, routed_scaling_factor=None, gemm1_alpha=None,
                         gemm1_clamp_limit=None, swiglu_limit=None)
-
-_local_maps: dict = {}
-
-
-def _drop_negative_ids_map(E: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``[E + 1]`` map: identity on ``[0, E)``, -1 at E, so id -1 (sent to E) contributes zero."""
-    key = (E, device, dtype)
-    m = _local_maps.get(key)
-    if m is None:
-        m = torch.cat([torch.arange(E, dtype=dtype), torch.full((1,), -1, dtype=dtype)]).to(device)
-        _local_maps[key] = m
-    return m
-
 
 def _topk(topk_output):
     if hasattr(topk_output, "topk_weights"):
@@ -129,7 +118,7 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     E = w1.shape[0]
     # -1 (another rank's expert) -> index E of an [E + 1] map whose last entry is -1.
     ids = torch.where(topk_ids < 0, torch.full_like(topk_ids, E), topk_ids)
-    expert_map = _drop_negative_ids_map(E, hidden_states.device, ids.dtype)
+    expert_map = sentinel_expert_map(E, hidden_states.device, ids.dtype)
     on_input = bool(cfg["apply_router_weight_on_input"])
     factor = cfg["routed_scaling_factor"]
     scaled = factor is not None and factor != 1.0 and not no_combine
@@ -154,7 +143,7 @@ def _meta(meta, name, default=None):
 def seg_la_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, decay_scales: torch.Tensor,
                meta, caches: Optional[torch.Tensor] = None, cache_indices: Optional[torch.Tensor] = None,
                softmax_scale: Optional[float] = None, decouple: bool = False, state_layout: str = "kv", *,
-               backend: Optional[str] = None) -> torch.Tensor:
+               backend: Optional[str] = None, check_ids: bool = True) -> torch.Tensor:
     """SGLang's ``seg_la_fwd`` (Ling/Bailing and MiniMax lightning attention) on this package's kernels.
 
     Args (SGLang's):
@@ -179,6 +168,11 @@ def seg_la_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tenso
     slot advanced one step in place; more with ``caches`` → MTP verify; more without → varlen
     prefill, final state written to the slot.
 
+    Extra keywords (not SGLang's): ``backend``; ``check_ids`` (default True) checks the slots
+    and token offsets on the host: one sync per call, since ``meta``'s tensors are sliced afresh
+    each call. A serving loop, whose metadata SGLang builds and vouches for, passes ``False``:
+    no host work; the kernels still never read or write out of bounds.
+
     Returns ``o [L, H, Dv]`` in q's dtype. Padding requests' outputs are 0 in decode and verify
     and unspecified in prefill (SGLang leaves them unwritten in all modes).
     """
@@ -196,8 +190,9 @@ def seg_la_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tenso
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     if scale != 1.0:
         q = (q.float() * scale).to(q.dtype)
+    check_slot_ids(slots, bs, s.shape[0], slots.device, values=check_ids)  # once, then not per call below
     if L == bs:  # decode: one token per request
-        return decode_slots(q, k, v, slopes, s, slots, backend)
+        return decode_slots(q, k, v, slopes, s, slots, backend, check_ids=False)
     if caches is not None:  # MTP verify: `step` tokens per request, per-token states to `caches`
         if L % bs:
             raise ValueError(f"speculative verify needs the same number of draft tokens per request: "
@@ -210,7 +205,7 @@ def seg_la_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tenso
                            torch.full_like(slots, -1))
         o, states = mk.lightning_decode(q.view(bs, step, H, D), k.view(bs, step, H, D),
                                         v.view(bs, step, H, v.shape[-1]), slopes, tmp, rows,
-                                        backend=backend, return_states=True)
+                                        backend=backend, return_states=True, check_ids=False)
         if caches.shape[1] < step:
             raise ValueError(f"caches holds {caches.shape[1]} states per request, fewer than {step} draft tokens")
         dst = caches if caches.shape[1] == step else caches[:, :step]
@@ -218,6 +213,7 @@ def seg_la_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tenso
         return o.reshape(L, H, v.shape[-1])
     # Varlen prefill: request b is tokens q_offsets[b] : q_offsets[b + 1].
     cu = meta.q_offsets[:bs + 1]
+    check_cu_seqlens(cu, L, cu.device, values=check_ids)
     fresh = _meta(meta, "s_scales")
     fresh = torch.zeros_like(slots, dtype=torch.bool) if fresh is None else (fresh[:bs] <= 0)
     if s.dtype == torch.float32 and s.is_contiguous():
@@ -225,10 +221,12 @@ def seg_la_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tenso
         zero_slots = torch.where(fresh & (slots >= 0), slots, torch.full_like(slots, -1))
         scatter_rows(s, zero_slots, torch.zeros((bs,) + tuple(s.shape[1:]), dtype=s.dtype, device=s.device))
         o, _ = mk.lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=cu, backend=backend,
-                                      state_cache=s, slot_ids=slots)
+                                      state_cache=s, slot_ids=slots, check_ids=False)
         return o[0]
-    init = gather_rows(s, slots) * (~fresh).to(torch.float32)[:, None, None, None]
+    # Select, not multiply: a fresh request's slot may hold anything (NaN included), and
+    # SGLang's kernel never reads it.
+    init = torch.where(fresh[:, None, None, None], 0.0, gather_rows(s, slots))
     o, final = mk.lightning_attention(q[None], k[None], v[None], slopes, initial_state=init.contiguous(),
-                                      output_final_state=True, cu_seqlens=cu, backend=backend)
+                                      output_final_state=True, cu_seqlens=cu, backend=backend, check_ids=False)
     scatter_rows(s, slots, final)
     return o[0]

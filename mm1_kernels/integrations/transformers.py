@@ -69,6 +69,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._common import sentinel_expert_map
+
 __all__ = ["apply_mm1_kernels", "apply_mm1_kernels_to_minimax", "revert_mm1_kernels",
            "revert_mm1_kernels_to_minimax", "patched_pieces"]
 
@@ -189,10 +191,12 @@ def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     _check_silu(self)
     _refuse_training(self, "the MoE experts", ("fused_moe",),
                      (hidden_states, self.gate_up_proj, self.down_proj, top_k_weights))
-    # The ids come from the router's top-k over E experts: in range by construction, so the
-    # host-synchronizing range check is skipped.
+    # The ids come from a top-k over E experts, so the host-synchronizing range check is
+    # skipped. Under transformers' expert parallelism an expert on another rank arrives as id E
+    # (its experts skip that one-hot class): the [E + 1] map sends it to -1, contributing zero.
+    expert_map = sentinel_expert_map(self.gate_up_proj.shape[0], hidden_states.device, top_k_index.dtype)
     return mk.fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
-                        check_ids=False)
+                        check_ids=False, expert_map=expert_map)
 
 
 def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

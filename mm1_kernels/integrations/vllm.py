@@ -25,6 +25,8 @@ import torch
 
 import mm1_kernels as mk
 
+from .._checks import check_slot_ids
+
 __all__ = ["fused_experts", "lightning_attention", "linear_decode_forward_triton"]
 
 # vLLM's prefill kernel splits sequences into fixed 256-token blocks whatever ``block_size`` says;
@@ -225,15 +227,19 @@ def scatter_rows(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -
     cache.index_copy_(0, idx, vals)
 
 
-def decode_slots(q, k, v, slopes, cache, slots, backend):
+def decode_slots(q, k, v, slopes, cache, slots, backend, check_ids=True):
     """One decode step (q, k, v ``[B, H, D]`` or ``[B, T, H, D]``) on a slot-indexed cache of any
-    layout: in place when the cache is fp32 and contiguous, else through a gathered copy."""
+    layout: in place when the cache is fp32 and contiguous, else through a gathered copy.
+
+    The caller's ``slots`` are what is checked (memoized per tensor, so a model's layers sharing
+    one slot tensor pay one host sync); the rows derived from them are not checked again."""
     if cache.dtype == torch.float32 and cache.is_contiguous():
-        return mk.lightning_decode(q, k, v, slopes, cache, slots, backend=backend)
+        return mk.lightning_decode(q, k, v, slopes, cache, slots, backend=backend, check_ids=check_ids)
+    check_slot_ids(slots, slots.shape[0], cache.shape[0], slots.device, values=check_ids)
     tmp = gather_rows(cache, slots)
     rows = torch.where(slots >= 0, torch.arange(slots.shape[0], device=slots.device, dtype=slots.dtype),
                        torch.full_like(slots, -1))
-    o = mk.lightning_decode(q, k, v, slopes, tmp, rows, backend=backend)
+    o = mk.lightning_decode(q, k, v, slopes, tmp, rows, backend=backend, check_ids=False)
     scatter_rows(cache, slots, tmp)
     return o
 
@@ -293,7 +299,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ed: t
 
 def linear_decode_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_caches: torch.Tensor,
                                  slope_rate: torch.Tensor, slot_idx: torch.Tensor, BLOCK_SIZE: int = 32, *,
-                                 backend: Optional[str] = None) -> torch.Tensor:
+                                 backend: Optional[str] = None, check_ids: bool = True) -> torch.Tensor:
     """vLLM's lightning decode step on a slot-indexed state cache, updated in place.
 
     Args (vLLM's):
@@ -311,6 +317,10 @@ def linear_decode_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     An fp32 contiguous cache is updated in place by the kernel; any other cache goes through a
     gathered fp32 copy of the B slots, scattered back (the update is computed in fp32 and
     rounded once to the cache's dtype).
+
+    Extra keywords (not vLLM's): ``backend``; ``check_ids`` (default True): check ``slot_idx``
+    on the host, once per tensor while it is unmodified (vLLM passes one tensor to every layer
+    of a step, so one sync per step); ``False`` for none.
     """
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be [B, H, 1, D], got shape {list(q.shape)}")
@@ -319,5 +329,5 @@ def linear_decode_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             raise ValueError(f"{name} must be [B, H, 1, *] like q {list(q.shape)}, got {list(t.shape)}")
     B, H = q.shape[:2]
     slopes = _slopes(slope_rate, H, "slope_rate")
-    o = decode_slots(q[:, :, 0], k[:, :, 0], v[:, :, 0], slopes, kv_caches, slot_idx, backend)
+    o = decode_slots(q[:, :, 0], k[:, :, 0], v[:, :, 0], slopes, kv_caches, slot_idx, backend, check_ids)
     return o.reshape(B, H * v.shape[-1])

@@ -131,7 +131,8 @@ def _check_qkv_slopes(q, k, v, slopes, ndim):
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                         cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
-                        state_cache: Optional[torch.Tensor] = None, slot_ids: Optional[torch.Tensor] = None):
+                        state_cache: Optional[torch.Tensor] = None, slot_ids: Optional[torch.Tensor] = None,
+                        check_ids: bool = True):
     """Chunked lightning attention (prefill): ``o_t = q_t S_t``, ``S_t = exp(-s) S_{t-1} + k_t^T v_t``.
 
     Args:
@@ -152,6 +153,11 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
             sequence n uses slot n, needing N ≤ S). The non-negative slots must be distinct and
             ``< S`` (ValueError). A negative slot marks a padding sequence: its slot is neither read
             nor written, its outputs are 0 (and so is its ``final_state`` entry when requested).
+        check_ids: check the values of ``cu_seqlens`` and ``slot_ids`` on the host (default; one
+            sync per new tensor, memoized while it is unmodified). ``False`` skips it for callers
+            that build these tensors afresh every call and vouch for them (serving loops); the
+            kernels then never read or write out of bounds (an out-of-range slot gives NaN
+            outputs and leaves the cache untouched), but repeated slots are not detected.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, Dv]`` in q's dtype; final_state fp32 ``[N, H, D, Dv]``
@@ -171,7 +177,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"varlen input (cu_seqlens given) must be packed with B == 1, got B = {B}")
-        n = check_cu_seqlens(cu_seqlens, T, device)
+        n = check_cu_seqlens(cu_seqlens, T, device, values=check_ids)
     else:
         n = B
     if initial_state is not None:
@@ -197,7 +203,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                              f"{state_cache.shape[0]} slots")
         slot_ids = torch.arange(n, dtype=torch.int32, device=device)
     else:
-        check_slot_ids(slot_ids, n, state_cache.shape[0], device)
+        check_slot_ids(slot_ids, n, state_cache.shape[0], device, values=check_ids)
     chosen = resolve_backend("lightning_attention", backend, device)
     o, final = torch.ops.mm1.lightning_attention_cached(q, k, v, slopes, state_cache, slot_ids, cu_seqlens,
                                                         output_final_state, chosen)
@@ -207,7 +213,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
 @annotate("mm1.lightning_decode")
 def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                      state_cache: torch.Tensor, slot_ids: Optional[torch.Tensor] = None,
-                     backend: Optional[str] = None, *, return_states: bool = False):
+                     backend: Optional[str] = None, *, return_states: bool = False, check_ids: bool = True):
     """Lightning decode for a batch, T ≥ 1 tokens per row, updating ``state_cache`` in place.
 
     Args:
@@ -223,6 +229,7 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
         return_states: also return the fp32 state after each token, ``[B, T, H, D, Dv]``
             (``[B, H, D, Dv]`` for ``[B, H, D]`` inputs): the caller keeps the accepted prefix's
             state, e.g. ``state_cache[slot] = states[b, accepted - 1]``.
+        check_ids: as in :func:`lightning_attention` (``False``: no host check of ``slot_ids``).
 
     Returns ``o`` shaped like q (with v's last dimension), in q's dtype; with ``return_states``,
     ``(o, states)``. The slot ends at the state after the last of the T tokens.
@@ -254,7 +261,7 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
     check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
                  device=device, contiguous=True)
     if slot_ids is not None:
-        check_slot_ids(slot_ids, B, state_cache.shape[0], device)
+        check_slot_ids(slot_ids, B, state_cache.shape[0], device, values=check_ids)
     elif B > state_cache.shape[0]:
         raise ValueError(f"without slot_ids, row b uses slot b: batch {B} > {state_cache.shape[0]} slots")
     chosen = resolve_backend("lightning_decode", backend, device)
