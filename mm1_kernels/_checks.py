@@ -90,6 +90,38 @@ _cu_seqlens_memo = _ValueCheckMemo()
 _slot_ids_memo = _ValueCheckMemo()
 
 
+class _ValueCheckMemoPerTensor:
+    """Like :class:`_ValueCheckMemo`, for many live tensors at once (each of a model's 70
+    lightning layers has its own slopes): an entry per tensor id, dropped when the tensor dies."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def hit(self, t: torch.Tensor, key) -> bool:
+        entry = self._entries.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == (t._version, key)
+
+    def remember(self, t: torch.Tensor, key) -> None:
+        tid = id(t)
+        self._entries[tid] = (weakref.ref(t, lambda _, tid=tid: self._entries.pop(tid, None)), (t._version, key))
+
+
+_slopes_memo = _ValueCheckMemoPerTensor()
+
+
+def check_slopes(slopes: torch.Tensor) -> None:
+    """Lightning decay rates must be finite and >= 0 (the decay exp(-s) is then in (0, 1]; a
+    negative rate makes the state grow without bound, a NaN poisons every token). One host sync
+    per slopes tensor while it is unmodified (a model's layers reuse theirs), none under graph
+    capture or torch.compile."""
+    if can_check_device_values(slopes) and not _slopes_memo.hit(slopes, None):
+        bad = ~(torch.isfinite(slopes) & (slopes >= 0))
+        if bool(bad.any()):
+            raise ValueError(f"slopes must be finite and >= 0 (decay exp(-slopes) in (0, 1]); got "
+                             f"{slopes[bad][:8].tolist()} at heads {bad.nonzero().flatten()[:8].tolist()}")
+        _slopes_memo.remember(slopes, None)
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.device,
                      values: bool = True) -> int:
     """Validate varlen offsets ``[N+1]``: int32, 0 first, non-decreasing, ``total_tokens`` last.

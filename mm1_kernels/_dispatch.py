@@ -49,6 +49,9 @@ def _import_error(module: str, what: str) -> Optional[str]:
     return None
 
 
+# Whether Triton kernels are defined for the interpreter: decided when they are defined, i.e.
+# at import, so a TRITON_INTERPRET=1 set later cannot make CPU tensors run on them.
+INTERPRET_AT_IMPORT = triton_interpret_enabled()
 # Probed once at import, so torch.compile traces plain constants rather than imports.
 TRITON_IMPORT_ERROR = _import_error("triton", "triton is not importable")
 CUDA_EXTENSION_IMPORT_ERROR = _import_error(
@@ -134,6 +137,9 @@ def _why_unavailable(backend: str, device: torch.device, cuda_op: Optional[str])
         if device.type == "cuda":
             return None
         if device.type == "cpu" and triton_interpret_enabled():
+            if not INTERPRET_AT_IMPORT:
+                return ("TRITON_INTERPRET=1 was set after mm1_kernels was imported, so its Triton "
+                        "kernels may already be defined for a GPU: set it before the first import")
             return None
         return (f"Triton kernels need CUDA tensors (got device '{device}'); on the CPU they run "
                 f"only under the interpreter: set TRITON_INTERPRET=1 before importing mm1_kernels")

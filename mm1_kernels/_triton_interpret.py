@@ -37,7 +37,7 @@ import numpy as np
 
 _lock = threading.Lock()
 _installed_depth = 0          # our launches in progress, all threads
-_originals: dict = {}         # method name -> the interpreter's own method, while installed
+_originals: dict = {}         # method name -> the interpreter's own method (kept once captured)
 _thread = threading.local()   # .depth: our launches in progress on this thread
 
 
@@ -127,7 +127,9 @@ def interpreter_fixes():
     with _lock:
         if _installed_depth == 0:
             for name in fixes:
-                _originals[name] = getattr(InterpreterBuilder, name)
+                # Captured once and never dropped: another thread may have looked up a patched
+                # method just before we restore the class, and it still needs the original.
+                _originals.setdefault(name, getattr(InterpreterBuilder, name))
                 setattr(InterpreterBuilder, name, _FIXES[name])
         _installed_depth += 1
     _thread.depth = getattr(_thread, "depth", 0) + 1
@@ -139,7 +141,7 @@ def interpreter_fixes():
             _installed_depth -= 1
             if _installed_depth == 0:
                 for name in fixes:
-                    setattr(InterpreterBuilder, name, _originals.pop(name))
+                    setattr(InterpreterBuilder, name, _originals[name])
 
 
 class _InterpretedKernel:

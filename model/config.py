@@ -132,6 +132,9 @@ class MiniMaxM1Config:
             raise ValueError(f"config field attn_type_list values must be 0 (lightning) or 1 (softmax), "
                              f"got {bad[0][1]!r} at index {bad[0][0]}")
         self.attn_type_list = [int(t) for t in types]
+        for name in ("postnorm", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"config field {name} must be a bool, got {getattr(self, name)!r}")
         # Fields of M1's file that the model would otherwise ignore: refused rather than giving a
         # silently different model (M1 has untied embeddings and no sliding window).
         if self.tie_word_embeddings:
@@ -152,6 +155,9 @@ class MiniMaxM1Config:
             if not self.layers or bad or len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"config field layers must be distinct indices in "
                                  f"[0, {self.num_hidden_layers}), got {self.layers}")
+            if self.layers != sorted(self.layers):
+                raise ValueError(f"config field layers must be in increasing order (the model runs them "
+                                 f"in this order), got {self.layers}")
         if self.shared_intermediate_size:
             if self.shared_intermediate_size < 0:
                 raise ValueError(f"config field shared_intermediate_size must be >= 0, "

@@ -361,6 +361,12 @@ def test_unavailable_backends_raise(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         mk.lightning_attention(q, k, v, slopes, backend="triton")
+    if q.device.type == "cpu":  # interpreter set after import: the kernels may be GPU-defined
+        import mm1_kernels._dispatch as dispatch
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(dispatch, "INTERPRET_AT_IMPORT", False)
+        with pytest.raises(BackendUnavailableError, match="set after mm1_kernels was imported"):
+            mk.lightning_attention(q, k, v, slopes, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -254,6 +254,8 @@ BAD_CONFIGS = [
     pytest.param(dict(layers=[3, 3]), ValueError, "layers must be distinct", id="config-layers-duplicate"),
     pytest.param(dict(layers=[8]), ValueError, r"layers must be distinct indices in \[0, 8\)",
                  id="config-layers-range"),
+    pytest.param(dict(layers=[3, 1]), ValueError, "layers must be in increasing order", id="config-layers-order"),
+    pytest.param(dict(postnorm="no"), TypeError, "postnorm must be a bool", id="postnorm-not-bool"),
     pytest.param(dict(tie_word_embeddings=True), NotImplementedError, "tie_word_embeddings", id="tied-embeddings"),
     pytest.param(dict(sliding_window=4096), NotImplementedError, "sliding_window", id="sliding-window"),
     pytest.param(dict(shared_intermediate_size=64), NotImplementedError, "shared experts", id="shared-experts"),

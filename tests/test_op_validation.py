@@ -308,3 +308,14 @@ def test_head_logprobs_refuses_bad_targets(targets, exc, match):
 def test_lightning_slopes_refuses_bad_sizes(args, exc, match):
     with pytest.raises(exc, match=match):
         mk.lightning_slopes(*args)
+
+
+@pytest.mark.parametrize("bad", [pytest.param([-0.1, 0.2], id="negative"), pytest.param([float("nan"), 0.2], id="nan"),
+                                 pytest.param([0.1, float("inf")], id="inf")])
+def test_lightning_refuses_slopes_outside_the_decay_range(bad, device):
+    q, k, v, _ = _prefill_inputs(5, device=device)
+    slopes = torch.tensor(bad, device=device)
+    with pytest.raises(ValueError, match="slopes must be finite and >= 0"):
+        mk.lightning_attention(q, k, v, slopes)
+    with pytest.raises(ValueError, match="slopes must be finite and >= 0"):
+        mk.lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, torch.zeros(1, 2, 16, 16, device=device))

@@ -78,3 +78,10 @@ def test_lightning_register_budget(lightning_stats):
     assert lightning_stats["prefill-bf16-output"]["spill_bytes"] <= 64, lightning_stats["prefill-bf16-output"]
     # The slot-cached single pass (read + write back through slot_ids) stays in the same budget.
     assert lightning_stats["prefill-bf16-slots"]["spill_bytes"] <= 64, lightning_stats["prefill-bf16-slots"]
+
+
+def test_lightning_head_and_batch_offsets_are_64_bit(lightning_stats):
+    """h · stride_h is an int32 product unless widened first: a head-major [B, H, T, D] view at
+    T = 1M has stride_h = 2^27, so 48 of 64 heads would wrap (a reviewer's reproducer)."""
+    for name, stats in lightning_stats.items():
+        assert stats["i32_stride_products"] == 0, (name, stats)

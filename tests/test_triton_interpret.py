@@ -59,6 +59,45 @@ def test_import_leaves_the_interpreter_alone():
     assert torch.equal(before[1].float().nan_to_num(), after[1].float().nan_to_num())
 
 
+_FOREIGN_DIGEST = """
+import hashlib, os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, triton, triton.language as tl
+if {import_ours}:
+    import mm1_kernels  # noqa: F401
+    import mm1_kernels.lightning.triton_prefill  # noqa: F401  (defines and decorates kernels)
+
+@triton.jit
+def foreign(a_ptr, b_ptr, x_ptr, dot_ptr, cast_ptr):
+    r = tl.arange(0, 16)
+    tile = r[:, None] * 16 + r[None, :]
+    tl.store(dot_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
+    tl.store(cast_ptr + r, tl.load(x_ptr + r).to(tl.bfloat16))
+
+g = torch.Generator().manual_seed(3)
+a, b = torch.randn(16, 16, generator=g).bfloat16(), torch.randn(16, 16, generator=g).bfloat16()
+x = (1.0 + torch.arange(16, dtype=torch.float32) / 8) * (1 + 2.0 ** -8 + 2.0 ** -10)
+dot, cast = torch.empty(16, 16), torch.empty(16, dtype=torch.bfloat16)
+foreign[(1,)](a, b, x, dot, cast)
+print(hashlib.sha256(dot.numpy().tobytes() + cast.view(torch.int16).numpy().tobytes()).hexdigest())
+"""
+
+
+def test_importing_the_package_changes_no_foreign_kernel():
+    """The same foreign kernel in two fresh interpreters, one that never imports mm1_kernels and
+    one that imports it (and its kernels) first: bitwise the same results. (Checked in fresh
+    processes: within this one, the package was imported before any test could look.)"""
+    import subprocess
+    import sys
+
+    digests = []
+    for import_ours in (False, True):
+        code = _FOREIGN_DIGEST.format(import_ours=import_ours)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        digests.append(out.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]
+
+
 def test_our_launches_compute_what_a_gpu_does():
     wrapped = fixes.interpreted_with_fixes(_foreign_kernel)
     dot, cast = _run_foreign(wrapped)

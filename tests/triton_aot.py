@@ -32,6 +32,9 @@ class KernelStats:
     registers: int
     spill_bytes: int       # spill stores, bytes per thread
     shared_bytes: int
+    # int32 products of a program id with a stride argument in the TTIR (`arith.muli ... : i32`
+    # naming a stride_*): each one can wrap past 2^31 at M1's long-sequence strides.
+    i32_stride_products: int = 0
 
 
 def compile_for_hopper(fn, pointer_types: dict[str, str], constexprs: dict, num_warps: int = 4,
@@ -61,8 +64,10 @@ def compile_for_hopper(fn, pointer_types: dict[str, str], constexprs: dict, num_
                              capture_output=True, text=True, check=True)
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
+    i32_products = len(re.findall(r"arith\.muli %(?:h|b|g|n|iv|seq|row)(?:_\d+)?, %stride_\w+ : i32\b",
+                                  kernel.asm["ttir"]))
     return KernelStats(int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0,
-                       kernel.metadata.shared)
+                       kernel.metadata.shared, i32_products)
 
 
 def compile_cases_in_subprocess(cases: dict[str, tuple]) -> dict[str, dict]:

@@ -3,11 +3,17 @@
 #
 #   bash tools/install.sh [EXTRAS]        e.g. `bash tools/install.sh test`, `... test,bench`
 #
+# Run it inside a virtual environment (python -m venv .venv && . .venv/bin/activate): it installs
+# into whatever `python` is.
 # - torch: kept if importable; otherwise torch==2.13.0 is installed (pinned: an unpinned torch
-#   makes pip fetch a multi-GB CUDA build, or replace the one an engine depends on).
-# - Triton and numpy: a CUDA torch brought the Triton it was built against, and that one is
-#   used (installing another would fight torch's pin). A CPU torch runs our Triton kernels
-#   through Triton's interpreter; MM1_TRITON_STACK picks which Triton the interpreter is:
+#   makes pip fetch whatever is newest, or replace the one an engine depends on). Which build
+#   that is depends on the index: on this project's CPU machines and CI it is the CPU wheel on
+#   disk; from PyPI on Linux it is the CUDA build (add --index-url
+#   https://download.pytorch.org/whl/cpu yourself for a CPU-only wheel).
+# - Triton and numpy: on a machine with a GPU, the Triton that torch brought is used (installing
+#   another would fight torch's pin). Without a GPU our Triton kernels run through Triton's
+#   interpreter, and MM1_TRITON_STACK picks which Triton that is (next to a CUDA build of torch
+#   this replaces the Triton torch pinned, and pip says so: the interpreter is a test tool):
 #     gpu-image (default)  triton 3.6 with numpy < 2.3, the stack of the GPU image we test on
 #     newest               the newest triton and numpy on the index (what a current torch brings)
 #     keep                 whatever is installed
@@ -22,11 +28,10 @@ py="${PYTHON:-python}"
 if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install "torch==2.13.0"
 fi
-torch_cuda=$("$py" -c "import torch; print(torch.version.cuda or '')")
-if [ -n "$torch_cuda" ]; then
+if [ "$("$py" -c "import torch; print(torch.cuda.is_available())")" = True ]; then
   if ! "$py" -c "import triton" 2>/dev/null; then
-    echo "note: this CUDA torch ($torch_cuda) came without Triton; the triton backend will report" \
-         "itself unavailable (install the Triton your torch pins to enable it)" >&2
+    echo "note: this torch came without Triton; the triton backend will report itself" \
+         "unavailable (install the Triton your torch pins to enable it)" >&2
   fi
 else
   case "$stack" in

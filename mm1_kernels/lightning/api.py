@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slot_ids, check_tensor
+from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slopes, check_slot_ids, check_tensor
 from .._dispatch import register_op, resolve_backend
 from .._nvtx import annotate
 from . import reference
@@ -124,6 +124,7 @@ def _check_qkv_slopes(q, k, v, slopes, ndim):
     if not (1 <= D <= MAX_HEAD_DIM and 1 <= DV <= MAX_HEAD_DIM):
         raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got q/k {D} and v {DV}")
     check_tensor("slopes", slopes, dtypes=(torch.float32,), shape=(H,), device=device, contiguous=True)
+    check_slopes(slopes)
     return H, D, DV
 
 

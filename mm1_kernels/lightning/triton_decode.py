@@ -41,7 +41,7 @@ def lightning_decode_kernel(
     mask_v = offs_v < DV
     s_offs = offs_d[:, None] * DV + offs_v[None, :]
     s_mask = mask_d[:, None] & mask_v[None, :]
-    o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_v
+    o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_v
     # states [B, T, H, D, DV] contiguous: token t of row b at ((b T + t) H + h) D DV.
     head_size = D * DV
     states_ptrs = states_ptr + (b.to(tl.int64) * T * H + h) * head_size + s_offs
@@ -62,9 +62,9 @@ def lightning_decode_kernel(
                 tl.store(states_ptrs, tl.zeros([BD, BV], dtype=tl.float32) + fill, mask=s_mask)
                 states_ptrs += H * head_size
         return
-    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d
-    k_ptrs = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + offs_d
-    v_ptrs = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + offs_v
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_d
+    k_ptrs = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d
+    v_ptrs = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_v
     decay = tl.exp(-tl.load(slopes_ptr + h).to(tl.float32))
     cache_ptrs = state_ptr + (slot * H + h) * head_size + s_offs
     S = tl.load(cache_ptrs, mask=s_mask, other=0.0)

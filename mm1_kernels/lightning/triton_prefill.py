@@ -148,7 +148,7 @@ def lightning_segment_kernel(
             if not LOCAL_PASS:
                 fill = tl.where(slot < 0, 0.0, float("nan"))
                 o_fill = (tl.zeros([C, BV], dtype=tl.float32) + fill).to(o_ptr.dtype.element_ty)
-                o_pad = o_ptr + row * stride_ob + h * stride_oh + t_start.to(tl.int64) * stride_ot
+                o_pad = o_ptr + row * stride_ob + h.to(tl.int64) * stride_oh + t_start.to(tl.int64) * stride_ot
                 o_pad_offs = offs_c[:, None] * stride_ot + offs_v[None, :]
                 for t0 in range(t_start, t_end, C):
                     tl.store(o_pad + o_pad_offs, o_fill, mask=(offs_c < t_end - t0)[:, None] & mask_v[None, :])
@@ -169,16 +169,18 @@ def lightning_segment_kernel(
     else:
         S = tl.zeros([BD, BV], dtype=tl.float32)
 
+    # Bases are 64-bit products: a head stride can itself reach 2^27 (a head-major
+    # [B, H, T, D] view at T = 1M), so h · stride_h overflows int32 for most heads.
     # Plain pointers, not block pointers (removed in Triton 3.9) and not tensor descriptors
     # (their 16-byte stride and base alignment rules exclude strided views such as a fused qkv
     # tensor with odd D; issue 11 rebuilds this kernel around TMA where it fits). Each chunk
     # has one 64-bit scalar base per tensor, advanced by C rows per step; offsets within a
     # chunk are 32-bit (C · stride_t stays far below 2^31), so no per-element 64-bit address is
     # built (that spilled ~1 KB). Rows past t_end and columns past D load as zeros.
-    q_rows = q_ptr + row * stride_qb + h * stride_qh + t_start.to(tl.int64) * stride_qt
-    k_rows = k_ptr + row * stride_kb + h * stride_kh + t_start.to(tl.int64) * stride_kt
-    v_rows = v_ptr + row * stride_vb + h * stride_vh + t_start.to(tl.int64) * stride_vt
-    o_rows = o_ptr + row * stride_ob + h * stride_oh + t_start.to(tl.int64) * stride_ot
+    q_rows = q_ptr + row * stride_qb + h.to(tl.int64) * stride_qh + t_start.to(tl.int64) * stride_qt
+    k_rows = k_ptr + row * stride_kb + h.to(tl.int64) * stride_kh + t_start.to(tl.int64) * stride_kt
+    v_rows = v_ptr + row * stride_vb + h.to(tl.int64) * stride_vh + t_start.to(tl.int64) * stride_vt
+    o_rows = o_ptr + row * stride_ob + h.to(tl.int64) * stride_oh + t_start.to(tl.int64) * stride_ot
     q_offs = offs_c[:, None] * stride_qt + offs_d[None, :]
     k_offs = offs_c[:, None] * stride_kt + offs_d[None, :]
     v_offs = offs_c[:, None] * stride_vt + offs_v[None, :]
