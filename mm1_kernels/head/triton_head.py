@@ -2,7 +2,8 @@
 
 Forward (``head_forward_triton``)
 ---------------------------------
-Grid ``(token tiles, vocabulary splits)``. A program owns ``BT`` tokens × one split of
+One program per (token tile, vocabulary split), launched in a grouped order (below). A
+program owns ``BT`` tokens × one split of
 ``SPLIT_V`` vocabulary ids and walks the split ``BV`` columns at a time; for each ``[BT, BV]``
 tile it accumulates ``hidden @ weight.T`` over K in fp32 (``tl.dot``), scales by
 1/temperature and folds the tile into four running fp32 statistics per token:
@@ -25,7 +26,36 @@ constant (not chosen from T), the number of splits depends only on V, and the me
 fixed. A row of a ``tl.dot`` tile depends only on that row's operands, so a token's results
 are bitwise the same alone or inside any batch. The split count trades grid size for merge
 traffic: SPLIT_V = 2048 gives 98 splits for M1's 200,064 vocabulary, so even a decode batch of
-one token launches ~100 programs, and a prefill of 8k tokens ~12.5k.
+one token launches ~100 programs, and a prefill of 8k tokens ~6.3k (128-token tiles).
+
+Program order (GROUP_T): the 1-D launch walks groups of GROUP_T token tiles; inside a group
+the token tile varies fastest, then the split. The co-resident programs (132 SMs × 1 CTA) are
+then ~GROUP_T token tiles × ~132/GROUP_T splits: the GROUP_T programs of one split read the
+same weight tiles at about the same time (one HBM read per group instead of per token
+tile), and each program's [BT, hidden] hidden tile, which it re-reads for every BV step of its
+split, stays in L2 (GROUP_T hidden tiles + 132/GROUP_T weight steps = 24.8 MiB ≤ the model's 25 MiB at BT=128,
+BV=64, hidden=6144). The order changes which program runs when, never what one computes, so
+determinism and batch invariance are untouched (GROUP_T, like the tiles, is a constant).
+
+Cost at M1's prefill shape (T = 8192, V = 200,064, hidden = 6144, bf16; figures from
+``python -m profiles.static --case head-forward-T8192``, H100 ceilings):
+  FLOPs 2·T·V·hidden = 20.14 TFLOP → 20.4 ms at 989 TFLOP/s (the floor: compute-bound).
+  Minimum bytes: hidden 0.10 GB + weight 2.46 GB + outputs ≈ 2.56 GB (0.76 ms at 3.35 TB/s).
+  Before (64×64×64 tiles, token tile fastest): 167 regs, 1 CTA/SM; HBM model 246× min with no
+  reuse, 124× with L2 credit: the weight is read once per split group, but every program
+  re-reads its hidden tile per 64-wide vocabulary step and 132 × 0.75 MiB of them do not fit in
+  L2 (315 GB) → model 94.7 ms, memory-bound.
+  After (128×64×64 tiles, GROUP_T = 8): 240 regs, no spills, 1 CTA/SM; hidden tiles hit L2
+  (read ~once), the weight is read once per group of 8 token tiles: 8 × 2.46 GB ≈ 19.7 GB,
+  ~7.7× min → 5.9 ms of HBM time under 20.4 ms of tensor-core time, so the model is
+  compute-bound at the floor. Expected buy: ~4.6× on the model, all from the hidden re-reads.
+  Not reached: ≤ 2× minimum bytes. With the hidden tile K-complete (hidden = 6144 does not
+  fit in shared memory) the weight is re-read once per group of token tiles whose hidden
+  tiles L2 holds together; ≤ 25 MiB of hidden is ~2k tokens, so at T = 8192 the weight is read
+  ≥ 4× (≥ 3.9× min) by any order of these programs. 128 × 128 tiles would halve the no-reuse
+  traffic but spill on sm_90a (264 B/thread compensated, 36 B plain; 255 registers) and
+  change nothing in the L2 model (the bound above is about L2, not the tile).
+  The two-sum (COMPENSATE) is not in this model: it is CUDA-core work beside the MMAs.
 
 Backward (``head_dlogits_kernel``)
 ----------------------------------
@@ -52,9 +82,10 @@ is the one that stays under 1e-5 there. Cost of the two-sum on a GPU, unmeasured
 per logit per 64-wide K block on CUDA cores (~67 TFLOP/s on an H100) take about as long as the
 block's 128 FLOPs per logit on bf16 tensor cores (~990 TFLOP/s); the two units can overlap, but
 a compute-bound prefill may pay up to ~2x in this kernel, and the second accumulator is why the
-bf16 tile is 64 × 64. ``COMPENSATE = False`` trades ~1.5-2x the logit error for that time; a GPU
-measurement should decide the default. The interpreter computes the block dots with numpy in
-fp32, so CPU runs do not reproduce a GPU's in-MMA accumulation order.
+bf16 tile is 128 × 64 and not 128 × 128 (which spills). ``COMPENSATE = False`` trades
+~1.5-2x the logit error for that time; a GPU measurement should decide the default. The
+interpreter computes the block dots with numpy in fp32, so CPU runs do not reproduce a GPU's
+in-MMA accumulation order.
 """
 from __future__ import annotations
 
@@ -69,7 +100,7 @@ from .reference import IGNORE_INDEX
 
 # Tiles: the one place where the CPU interpreter (TRITON_INTERPRET=1, read once at import) and
 # a GPU differ, on purpose. Why: tests run through the interpreter at test sizes (T ~ 1-100,
-# V ~ 1000-4100), and there the GPU's SPLIT_V = 2048 / BT = 64 would leave one vocabulary
+# V ~ 1000-4100), and there the GPU's SPLIT_V = 2048 / BT = 128 would leave one vocabulary
 # split and one token tile, so the split merge, the running-max rescaling across splits and
 # the partial-tile masks would go untested; SPLIT_V = 512 and BT = 16 exercise them at the
 # same sizes. (The interpreter's cost is per program and per tile op, not per element, so the
@@ -81,16 +112,27 @@ from .reference import IGNORE_INDEX
 # hold in each configuration, since neither depends on T. The GPU configuration is compiled
 # and checked by tests/test_head_aot.py.
 # GPU tiles (BT, BV, BK) per input kind: the largest tiles whose sm_90a builds have no register
-# spills (ptxas, tests/test_head_aot.py); with 64 × 128 the bf16 forward spills 132 B/thread,
+# spills (ptxas, tests/test_head_aot.py); with 128 × 128 the bf16 forward spills 264 B/thread,
 # and the fp32 (IEEE, CUDA-core) dot needs smaller tiles still. Chosen for a clean build, not
 # tuned for speed (no GPU at hand). Tiles depend on the dtype only, never on T.
+# GROUP_T: token tiles per launch group of the forward (the program order above); in the
+# interpreter 4, so test sizes (up to ~7 token tiles) also run a partial last group.
 if triton_interpret_enabled():
     TILES = {False: (16, 128, 32), True: (16, 128, 32)}
-    SPLIT_V, MERGE_BT, NUM_WARPS = 512, 64, 4
+    LOGITS_TILES = TILES
+    SPLIT_V, MERGE_BT, NUM_WARPS, GROUP_T = 512, 64, 4, 4
 else:
-    TILES = {False: (64, 64, 64), True: (32, 64, 32)}
-    SPLIT_V, MERGE_BT, NUM_WARPS = 2048, 128, 8
-assert all(SPLIT_V % bv == 0 for _, bv, _ in TILES.values())
+    TILES = {False: (128, 64, 64), True: (32, 64, 32)}
+    # LOGITS_TILES: the 16-bit forward falls back to the 64-token tile (a) in head_logits_triton
+    # (sampling), which also stores the [BT, BV] logits tile: at 128 × 64 that build reaches 255
+    # registers and spills (408 B/thread without alignment hints, 44 B with them but T
+    # unaligned), and (b) when hidden's width, the row strides or the pointers are not multiples
+    # of 16 (Triton then cannot vectorize or pipeline the loads, and the 128 × 64 build spills
+    # 128 B on Triton 3.9). Same BV, BK and two-sum, so each logit is summed over the same K
+    # blocks in the same order; the choice depends on the layout only, never on T.
+    LOGITS_TILES = {False: (64, 64, 64), True: (32, 64, 32)}
+    SPLIT_V, MERGE_BT, NUM_WARPS, GROUP_T = 2048, 128, 8, 8
+assert all(SPLIT_V % bv == 0 for tiles in (TILES, LOGITS_TILES) for _, bv, _ in tiles.values())
 # A far-below-any-logit start for the running max: finite, so (m_old - m) * s_old is 0, not NaN.
 NEG_BIG = tl.constexpr(-3.0e38)
 COMPENSATE = True
@@ -134,14 +176,21 @@ def head_split_stats_kernel(
     h_ptr, w_ptr, tgt_ptr, part_ptr, logits_ptr,
     T, V, K, stride_h, stride_w, stride_logits, inv_temp, split_v,
     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, FP32_INPUTS: tl.constexpr,
-    COMPENSATE: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    COMPENSATE: tl.constexpr, STORE_LOGITS: tl.constexpr, GROUP_T: tl.constexpr,
 ):
     """partials[split, 0..3, token] = (m, s, u, t) over one vocabulary split.
 
-    STORE_LOGITS (head_sample only) also writes the fp32 tempered logits to ``[T, V]``.
+    1-D grid of cdiv(T, BT) × nsplit programs in grouped order: GROUP_T token tiles, token
+    tile fastest, then the split (see the module docstring). STORE_LOGITS (head_sample only)
+    also writes the fp32 tempered logits to ``[T, V]``.
     """
-    pid_t = tl.program_id(0)
-    split = tl.program_id(1)
+    pid = tl.program_id(0)
+    nsplit = tl.cdiv(V, split_v)
+    per_group = GROUP_T * nsplit
+    first_t = (pid // per_group) * GROUP_T
+    group_size = tl.minimum(tl.cdiv(T, BT) - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_size
+    split = (pid % per_group) // group_size
     offs_t = pid_t * BT + tl.arange(0, BT)
     mask_t = offs_t < T
     tgt = tl.load(tgt_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
@@ -156,6 +205,11 @@ def head_split_stats_kernel(
         mask_v = offs_v < v_end
         z = _logit_tile(h_ptr, w_ptr, offs_t, offs_v, mask_t, mask_v, K, stride_h, stride_w,
                         inv_temp, BT, BV, BK, FP32_INPUTS, COMPENSATE)
+        if STORE_LOGITS:  # stored first: z's pointers need not stay live through the statistics
+            lptrs = logits_ptr + offs_t.to(tl.int64)[:, None] * stride_logits + offs_v[None, :]
+            tl.store(lptrs, z, mask=mask_t[:, None] & mask_v[None, :])
+        hit = (offs_v.to(tl.int64)[None, :] == tgt[:, None]) & mask_v[None, :]
+        t_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
         # Every tile holds at least one valid column, so m_new is a real logit.
         m_new = tl.maximum(m, tl.max(tl.where(mask_v[None, :], z, NEG_BIG), axis=1))
         alpha = tl.exp(m - m_new)
@@ -164,11 +218,6 @@ def head_split_stats_kernel(
         u = alpha * (u + (m - m_new) * s) + tl.sum(e * d, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        if STORE_LOGITS:
-            lptrs = logits_ptr + offs_t.to(tl.int64)[:, None] * stride_logits + offs_v[None, :]
-            tl.store(lptrs, z, mask=mask_t[:, None] & mask_v[None, :])
-        hit = (offs_v.to(tl.int64)[None, :] == tgt[:, None]) & mask_v[None, :]
-        t_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
     base = part_ptr + split.to(tl.int64) * 4 * T + offs_t
     tl.store(base, m, mask=mask_t)
     tl.store(base + T, s, mask=mask_t)
@@ -258,17 +307,19 @@ def head_forward_triton(hidden, weight, targets, temperature: float, split_v: in
     T, K = hidden.shape
     V = weight.shape[0]
     fp32 = hidden.dtype == torch.float32
-    bt, bv, bk = TILES[fp32]
+    aligned = all(x % 16 == 0 for x in (K, hidden.stride(0), weight.stride(0),
+                                         hidden.data_ptr(), weight.data_ptr()))
+    bt, bv, bk = (TILES if logits_out is None and aligned else LOGITS_TILES)[fp32]
     if split_v % bv:
         raise ValueError(f"split_v must be a multiple of {bv}, got {split_v}")
     nsplit = num_splits(V, split_v)
     partials = torch.empty(nsplit, 4, T, dtype=torch.float32, device=hidden.device)
-    head_split_stats_kernel[(triton.cdiv(T, bt), nsplit)](
+    head_split_stats_kernel[(triton.cdiv(T, bt) * nsplit,)](
         hidden, weight, targets, partials, partials if logits_out is None else logits_out,
         T, V, K, hidden.stride(0), weight.stride(0),
         0 if logits_out is None else logits_out.stride(0), 1.0 / temperature, split_v,
         BT=bt, BV=bv, BK=bk, FP32_INPUTS=fp32, COMPENSATE=COMPENSATE,
-        STORE_LOGITS=logits_out is not None, num_warps=NUM_WARPS)
+        STORE_LOGITS=logits_out is not None, GROUP_T=GROUP_T, num_warps=NUM_WARPS)
     lp, lse, ent = (torch.empty(T, dtype=torch.float32, device=hidden.device) for _ in range(3))
     head_merge_splits_kernel[(triton.cdiv(T, MERGE_BT),)](
         partials, targets, lp, lse, ent, T, nsplit, IGNORE=IGNORE_INDEX, BT=MERGE_BT)
@@ -276,7 +327,11 @@ def head_forward_triton(hidden, weight, targets, temperature: float, split_v: in
 
 
 def head_logits_triton(hidden, weight, temperature: float):
-    """fp32 ``[T, V]`` tempered logits, bitwise those :func:`head_forward_triton` uses."""
+    """fp32 ``[T, V]`` tempered logits, bitwise those this call's statistics use.
+
+    On a GPU the bf16/fp16 build has 64-token tiles here (``LOGITS_TILES``) and 128 in
+    :func:`head_forward_triton`; both sum each logit over the same BK blocks in the same order.
+    """
     T, V = hidden.shape[0], weight.shape[0]
     logits = torch.empty(T, V, dtype=torch.float32, device=hidden.device)
     no_targets = torch.full((T,), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)

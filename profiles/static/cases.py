@@ -350,6 +350,11 @@ def _head_tiles():
     return bt, bv, bk, TH.SPLIT_V, TH.MERGE_BT, TH.NUM_WARPS
 
 
+def _head_group_t() -> int:
+    from mm1_kernels.head import triton_head as TH
+    return TH.GROUP_T
+
+
 def _compensate() -> bool:
     from mm1_kernels.head import triton_head as TH
     return bool(TH.COMPENSATE)
@@ -363,6 +368,9 @@ def head_forward(T: int) -> OpCase:
     ksteps = cdiv(HIDDEN, bk)
     case = OpCase(f"head-forward-T{T}", "head", "logprobs", dict(T=T, hidden=HIDDEN, V=VOCAB, dtype="bf16"))
     h_tile = bt * HIDDEN * 2
+    w_step = bv * HIDDEN * 2
+    group_t = _head_group_t()
+    groups = cdiv(ttiles, group_t)
 
     def split_bytes(ctas):
         it = ttiles * vtiles * ksteps
@@ -370,17 +378,27 @@ def head_forward(T: int) -> OpCase:
         w = it * bv * bk * 2
         part = nsplit * 4 * T * 4 + ttiles * nsplit * bt * 8
         W = window(ctas)
-        # w tiles: the token tiles of one split are adjacent in launch order (pid_t fastest).
-        w_l2 = VOCAB * HIDDEN * 2 * max(1, cdiv(ttiles, W))
-        # h: each program re-reads its [BT, hidden] tile for every BV-wide vocabulary step; the
-        # co-resident programs stream min(W, programs) such tiles in between.
-        between = min(W, ttiles * nsplit) * h_tile
-        h_l2 = ttiles * nsplit * h_tile if between <= L2_USABLE else h
+        # Launch order: groups of group_t token tiles, token tile fastest inside a group, then
+        # the split. w: the ≤ group_t programs of one split in a group are adjacent (distance
+        # < group_t ≤ W), so each group reads the weight once.
+        gt = min(group_t, ttiles)
+        w_l2 = VOCAB * HIDDEN * 2 * groups * max(1, cdiv(gt, W))
+        # h: each program re-reads its [BT, hidden] tile for every BV-wide vocabulary step. In
+        # between, the W co-resident programs (gt token tiles × ~W/gt splits) stream their gt
+        # hidden tiles and one [BV, hidden] weight step per split. If that fits, a token tile's
+        # hidden is read once: its programs are gt apart in launch order (< W), so one of them
+        # is resident from the group's first to its last split; else every step re-reads it,
+        # shared by the co-resident programs of the same token tile.
+        sp = min(nsplit, cdiv(W, gt))
+        between = gt * h_tile + sp * w_step
+        hit = between <= L2_USABLE
+        h_l2 = T * HIDDEN * 2 if hit else h / sp
         return (h + w + part, h_l2 + w_l2 + part,
                 f"per K step a [{bt},{bk}] h tile and a [{bv},{bk}] w tile: h {h / 1e9:.1f} GB, w {w / 1e9:.1f} GB; "
-                f"L2: w once per split group ({w_l2 / 1e9:.2f} GB); h re-read per vocabulary step unless "
-                f"{between / 2**20:.0f} MiB streamed in between ≤ {L2_USABLE / 2**20:.0f} MiB: "
-                f"{'hit' if between <= L2_USABLE else 'miss'} ({h_l2 / 1e9:.1f} GB)")
+                f"L2 (groups of {group_t} token tiles, token fastest): w once per group ({groups} groups, "
+                f"{w_l2 / 1e9:.2f} GB); h re-read per vocabulary step unless {gt} h tiles + {sp} w steps = "
+                f"{between / 2**20:.1f} MiB ≤ {L2_USABLE / 2**20:.0f} MiB: "
+                f"{'hit' if hit else 'miss'} ({h_l2 / 1e9:.2f} GB)")
 
     def merge_bytes(ctas):
         b = nsplit * 4 * T * 4 + T * 8 + 3 * T * 4
@@ -391,9 +409,10 @@ def head_forward(T: int) -> OpCase:
                (HEAD, "head_split_stats_kernel",
                 dict(h_ptr="*bf16", w_ptr="*bf16", inv_temp="fp32", tgt_ptr="*i64", part_ptr="*fp32",
                      logits_ptr="*fp32"),
-                dict(BT=bt, BV=bv, BK=bk, FP32_INPUTS=False, COMPENSATE=_compensate(), STORE_LOGITS=False),
+                dict(BT=bt, BV=bv, BK=bk, FP32_INPUTS=False, COMPENSATE=_compensate(), STORE_LOGITS=False,
+                     GROUP_T=group_t),
                 warps, 3, ("h_ptr", "w_ptr", "tgt_ptr", "part_ptr", "T", "V", "K", "stride_h", "stride_w")),
-               (ttiles, nsplit), ttiles * nsplit, ttiles * vtiles * ksteps,
+               (ttiles * nsplit,), ttiles * nsplit, ttiles * vtiles * ksteps,
                f"K loop {ksteps} trips inside the vocabulary loop ({vtiles} {bv}-wide steps over all "
                f"{nsplit} splits) × {ttiles} token tiles",
                2 * T * VOCAB * HIDDEN, split_bytes),
