@@ -260,7 +260,7 @@ def stage_env(w: Worker) -> None:
 def _lightning_checks(w: Worker, backends: list[str]) -> None:
     torch = w.torch
     import mm1_kernels as mk
-    from mm1_kernels.lightning.reference import lightning_recurrence
+    from mm1_kernels import lightning_attention_reference as lightning_recurrence
 
     dev = w.device
     H, D = (2, 32) if w.tiny else (64, 128)
@@ -315,17 +315,27 @@ def stage_correctness_lightning(w: Worker) -> None:
     _lightning_checks(w, _backends(w, "lightning_attention"))
 
 
+def _cuda_backend_unavailable():
+    """None when the lightning CUDA kernels can run here, else why not (the registry's reason)."""
+    import mm1_kernels as mk
+    try:
+        mk.resolve_backend("lightning_attention", "cuda", "cuda")
+    except mk.BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
 def stage_correctness_lightning_cuda(w: Worker) -> None:
-    from mm1_kernels._dispatch import CUDA_EXTENSION_IMPORT_ERROR, cuda_op_registered
-    if CUDA_EXTENSION_IMPORT_ERROR or not cuda_op_registered("lightning_prefill_cuda"):
-        raise Skip(f"the CUDA extension is not loaded: {CUDA_EXTENSION_IMPORT_ERROR}")
+    why = _cuda_backend_unavailable()
+    if why:
+        raise Skip(why)
     _lightning_checks(w, ["cuda"])
 
 
 def stage_correctness_moe(w: Worker) -> None:
     torch = w.torch
     import mm1_kernels as mk
-    from mm1_kernels.moe.reference import fused_moe_reference, moe_route_reference
+    from mm1_kernels import fused_moe_reference, moe_route_reference
 
     dev = w.device
     E, hidden, inter, top_k = (8, 64, 32, 2) if w.tiny else (32, 6144, 1152, 2)
@@ -362,7 +372,7 @@ def stage_correctness_moe(w: Worker) -> None:
 def stage_correctness_head(w: Worker) -> None:
     torch = w.torch
     import mm1_kernels as mk
-    from mm1_kernels.head.reference import head_reference
+    from mm1_kernels import head_logprobs_reference as head_reference
 
     dev = w.device
     V, K, T = (1000, 64, 32) if w.tiny else (200064, 6144, 1024)
@@ -593,11 +603,11 @@ def stage_graphs(w: Worker) -> None:
 
 
 def stage_tests(w: Worker) -> None:
-    from mm1_kernels._dispatch import CUDA_EXTENSION_IMPORT_ERROR
     if not w.cuda:
         raise Skip("the CUDA backend's tests need a GPU")
-    if CUDA_EXTENSION_IMPORT_ERROR:
-        raise Skip(f"the CUDA extension is not loaded: {CUDA_EXTENSION_IMPORT_ERROR}")
+    why = _cuda_backend_unavailable()
+    if why:
+        raise Skip(why)
     cmd = [sys.executable, "-m", "pytest", "tests/test_lightning_cuda.py", "-m", "not slow",
            "-k", "not compute_sanitizer", "-v", "-rfEs", "-p", "no:cacheprovider",
            f"--junitxml={w.work / 'tests_junit.xml'}"]

@@ -14,8 +14,8 @@ from ._dispatch import (
                         triton_interpret_enabled,
 )
 from ._nvtx import nvtx_range
-from .head import HeadOutput, cispo_loss, head_cispo_loss, head_logprobs, head_sample
-from .lightning import lightning_attention, lightning_decode, lightning_slopes
+from .head import HeadOutput, cispo_loss, head_cispo_loss, head_logprobs, head_logprobs_reference, head_sample
+from .lightning import lightning_attention, lightning_attention_reference, lightning_decode, lightning_slopes
 from .moe import (
                         dequantize_moe_weight,
                         fused_moe,
@@ -32,8 +32,8 @@ __all__ = [
     "__version__",
     "BACKENDS", "BackendUnavailableError", "available_backends", "registered_ops",
     "resolve_backend", "triton_interpret_enabled", "nvtx_range",
-    "lightning_attention", "lightning_decode", "lightning_slopes",
+    "lightning_attention", "lightning_decode", "lightning_slopes", "lightning_attention_reference",
     "moe_route", "fused_moe", "quantize_moe_weights", "moe_route_reference",
     "fused_moe_reference", "moe_block_reference", "dequantize_moe_weight",
-    "HeadOutput", "head_logprobs", "head_sample", "cispo_loss", "head_cispo_loss",
+    "HeadOutput", "head_logprobs", "head_sample", "cispo_loss", "head_cispo_loss", "head_logprobs_reference",
 ]

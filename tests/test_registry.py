@@ -119,15 +119,21 @@ REACH_IN = [
     re.compile(r"^\s*(?:from|import)\s+mm1_kernels\.(?!(?:" + "|".join(PUBLIC_SUBMODULES) + r")\b)\w+",
                re.M),
     # private names or an op's internals through the package: mk._dispatch, mm1_kernels.head.api
-    re.compile(r"\b(?:mk|mm1_kernels)\.(?:\w+\.)*(?:_(?!_)\w+|api|reference|torch_head|backward|"
+    # (mm1_kernels._C, the compiled extension, is named by build checks and allowed)
+    re.compile(r"\b(?:mk|mm1_kernels)\.(?:\w+\.)*(?:_(?!_|C\b)\w+|api|reference|torch_head|backward|"
                r"triton_\w+|cuda_ops)\b"),
 ]
+# The static roofline compiles the kernels themselves (their modules are its input), as the
+# AOT tests do; every other file in these folders goes through the public API.
+KERNEL_READERS = {"profiles/static"}
 
 
 @pytest.mark.parametrize("folder", ["bench", "profiles", "model"])
 def test_callers_use_only_the_public_api(folder):
     bad = []
     for path in sorted((REPO / folder).rglob("*.py")):
+        if any(str(path.relative_to(REPO)).startswith(d) for d in KERNEL_READERS):
+            continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             if any(p.search(code) for p in REACH_IN):

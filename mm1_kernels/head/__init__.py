@@ -1,3 +1,4 @@
 from .api import HeadOutput, cispo_loss, head_cispo_loss, head_logprobs, head_sample
+from .reference import head_reference as head_logprobs_reference
 
-__all__ = ["HeadOutput", "cispo_loss", "head_cispo_loss", "head_logprobs", "head_sample"]
+__all__ = ["HeadOutput", "cispo_loss", "head_cispo_loss", "head_logprobs", "head_sample", "head_logprobs_reference"]

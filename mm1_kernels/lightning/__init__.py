@@ -1,4 +1,5 @@
 from . import cuda_ops as _cuda_ops  # noqa: F401  fakes for the CUDA ops; a no-op without mm1_kernels._C
 from .api import lightning_attention, lightning_decode, lightning_slopes
+from .reference import lightning_recurrence as lightning_attention_reference
 
-__all__ = ["lightning_attention", "lightning_decode", "lightning_slopes"]
+__all__ = ["lightning_attention", "lightning_decode", "lightning_slopes", "lightning_attention_reference"]
