@@ -75,7 +75,6 @@ class StepInfo:
     cache: Optional[MiniMaxM1Cache] = None
     slots: Optional[torch.Tensor] = None        # [N] int32, slot of each sequence / decode row
     cu_seqlens: Optional[torch.Tensor] = None   # [N+1] int32 (prefill)
-    continuing: bool = False                    # prefill on top of tokens already cached
     tok_slot: Optional[torch.Tensor] = None     # [n_tok] long: cache slot of each token
     tok_pos: Optional[torch.Tensor] = None      # [n_tok] long: its position
     pad_gather: Optional[torch.Tensor] = None   # [N, Tq] long: packed token index per (seq, j)
@@ -123,12 +122,11 @@ class LightningAttention(nn.Module):
             o = mk.lightning_decode(q, k, v, self.slopes, step.cache.state(self.layer_idx),
                                     step.slots, backend=step.backend_for("lightning_decode"))
         elif step.mode == "prefill":
-            states = step.cache.state(self.layer_idx)
-            init = states[step.slots.long()] if step.continuing else None
-            o, final = mk.lightning_attention(q, k, v, self.slopes, initial_state=init,
-                                              output_final_state=True, cu_seqlens=step.cu_seqlens,
-                                              backend=step.backend_for("lightning_attention"))
-            states[step.slots.long()] = final
+            # Each sequence starts from its slot's state (zeroed for a fresh one by prefill())
+            # and its final state is written back in place: no gather/scatter of [N, H, D, D].
+            o, _ = mk.lightning_attention(q, k, v, self.slopes, cu_seqlens=step.cu_seqlens,
+                                          state_cache=step.cache.state(self.layer_idx), slot_ids=step.slots,
+                                          backend=step.backend_for("lightning_attention"))
         else:
             o, _ = mk.lightning_attention(q, k, v, self.slopes, backend=step.backend_for("lightning_attention"))
         y = self.norm(o.reshape(B, T, H * D)) * torch.sigmoid(self.output_gate(x))
@@ -546,7 +544,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
         pad_gather = torch.minimum(cu[:-1].long()[:, None] + j, cu[1:].long()[:, None] - 1)
         pad_pos = prev_t[:, None] + torch.minimum(j[None], lens_t[:, None] - 1)
         step = StepInfo("prefill", (prev_t[seq_of_tok] + local)[None], backend=self.backend, cache=cache,
-                        slots=slots_t, cu_seqlens=cu, continuing=any(p > 0 for p in prev),
+                        slots=slots_t, cu_seqlens=cu,
                         tok_slot=slots_t.long()[seq_of_tok], tok_pos=prev_t[seq_of_tok] + local,
                         pad_gather=pad_gather, pad_pos=pad_pos, unpad=seq_of_tok * tq + local,
                         kv_len=max(totals))
