@@ -33,6 +33,17 @@ def select_sequences(x, cu, keep):
     return torch.cat([x[:, cu[i]:cu[i + 1]] for i in keep], dim=1)
 
 
+def check_kept_sequences(o, q, k, v, slopes, cu, lengths, keep, init, device):
+    """The outputs of the sequences ``keep`` against the fp64 recurrence started from ``init``
+    (their slots' states before the call); returns the reference final states ``[len(keep), ...]``."""
+    sub = [select_sequences(x, cu, keep) for x in (q, k, v)]
+    sub_cu = cu_of([lengths[i] for i in keep], device)
+    ref_o, ref_final = ref.lightning_recurrence(*(x.cpu() for x in sub), slopes.cpu(), init.cpu(),
+                                                cu_seqlens=sub_cu.cpu())
+    check_output(select_sequences(o, cu, keep), ref_o, *sub, slopes, init, sub_cu)
+    return ref_final
+
+
 def recurrence_states(q, k, v, slopes, init):
     """fp64 state after each token: q, k, v ``[B, T, H, D]``, init ``[B, H, D, Dv]`` -> ``[B, T, H, D, Dv]``."""
     lam = torch.exp(-slopes.double().cpu())[:, None, None]
@@ -64,12 +75,7 @@ def test_cached_prefill_varlen_with_padding_slot(backend, dtype, device, poison_
     assert final.shape == (len(lengths), H, D, D) and final.dtype == torch.float32
     assert torch.isfinite(o).all() and torch.isfinite(final).all()
     keep = [i for i, s in enumerate(slots.tolist()) if s >= 0]
-    init = before[slots[keep].long()]
-    sub = [select_sequences(x, cu, keep) for x in (q, k, v)]
-    sub_cu = cu_of([lengths[i] for i in keep], device)
-    ref_o, ref_final = ref.lightning_recurrence(*(x.cpu() for x in sub), slopes.cpu(), init.cpu(),
-                                                cu_seqlens=sub_cu.cpu())
-    check_output(select_sequences(o, cu, keep), ref_o, *sub, slopes, init, sub_cu)
+    ref_final = check_kept_sequences(o, q, k, v, slopes, cu, lengths, keep, before[slots[keep].long()], device)
     for j, i in enumerate(keep):
         slot = int(slots[i])
         assert_close_to_reference(cache[slot].cpu(), ref_final[j], tol=1e-5, what=f"slot {slot}")
@@ -134,12 +140,7 @@ def test_cached_prefill_segmented(dtype, segment_len, device, poison_outputs):
     o, final = lightning_prefill_triton(q, k, v, slopes, None, cu, True, segment_len=segment_len,
                                         state_cache=cache, slot_ids=slots)
     keep = [0, 1, 3]
-    init = before[slots[keep].long()]
-    sub = [select_sequences(x, cu, keep) for x in (q, k, v)]
-    sub_cu = cu_of([lengths[i] for i in keep], device)
-    ref_o, ref_final = ref.lightning_recurrence(*(x.cpu() for x in sub), slopes.cpu(), init.cpu(),
-                                                cu_seqlens=sub_cu.cpu())
-    check_output(select_sequences(o, cu, keep), ref_o, *sub, slopes, init, sub_cu)
+    ref_final = check_kept_sequences(o, q, k, v, slopes, cu, lengths, keep, before[slots[keep].long()], device)
     assert_close_to_reference(cache[slots[keep].long()].cpu(), ref_final, tol=1e-5, what="slots")
     assert torch.equal(final[keep], cache[slots[keep].long()])
     assert torch.equal(select_sequences(o, cu, [2]), torch.zeros(1, 3, H, D, dtype=dtype, device=device))

@@ -7,6 +7,7 @@ Frobenius errors ‖out − ref‖ / ‖ref‖ against ``fused_moe_reference`` i
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_graphs import graph_replay_and_eager
 
 import mm1_kernels as mk
 from mm1_kernels._dispatch import triton_interpret_enabled
@@ -377,13 +378,5 @@ def test_decode_step_captures_in_a_cuda_graph(quantized):
         w, ids = mk.moe_route(logits, top_k=2, backend="triton")
         return mk.fused_moe(x, w13, w2, w, ids, backend="triton", check_ids=False, **scales)
 
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # compile the kernels outside the capture
-        expected = step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    out, expected = graph_replay_and_eager(step)
     assert torch.equal(out, expected)

@@ -14,6 +14,7 @@ and the outputs summed over ranks must equal the full MoE.
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_graphs import graph_replay_and_eager
 
 import mm1_kernels as mk
 from mm1_kernels._dispatch import triton_interpret_enabled
@@ -374,13 +375,5 @@ def test_expert_parallel_decode_captures_in_a_cuda_graph():
     def step():
         return mk.fused_moe(x, l13, l2, tw, ids, backend="triton", check_ids=False, expert_map=emap)
 
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        expected = step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    out, expected = graph_replay_and_eager(step)
     assert torch.equal(out, expected)

@@ -3,6 +3,8 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler")
 
+# M1's alignments as Triton's JIT would see them (one home: the static roofline's cases).
+from profiles.static.cases import DECODE_ALIGNED, PREFILL_ALIGNED  # noqa: E402
 from triton_aot import compile_cases_in_subprocess  # noqa: E402
 
 H100_SMEM = 227 * 1024
@@ -14,16 +16,6 @@ PREFILL_PTRS = dict(slopes_ptr="*fp32", seg_meta_ptr="*i32", seg_state_ptr="*fp3
 
 def _io(dtype):
     return {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
-
-
-# At M1's shape every pointer is 16-byte aligned and every size and stride (H=64, D=128, the
-# strides of a fused [B, T, H, 3D] qkv tensor) is a multiple of 16, as Triton's JIT would see.
-PREFILL_ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "seg_state_ptr", "init_state_ptr", "final_state_ptr",
-                   "stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
-                   "stride_vb", "stride_vt", "stride_vh", "stride_ob", "stride_ot", "stride_oh", "H", "D", "DV")
-DECODE_ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "state_ptr", "states_ptr", "stride_qb", "stride_qt",
-                  "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt", "stride_vh",
-                  "stride_ob", "stride_ot", "stride_oh", "H", "D", "DV")
 
 
 def _cases():

@@ -42,6 +42,9 @@ HEAD = "mm1_kernels.head.triton_head"
 PREFILL_PTRS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*bf16", slopes_ptr="*fp32",
                     seg_meta_ptr="*i32", seg_state_ptr="*fp32", init_state_ptr="*fp32",
                     final_state_ptr="*fp32", seq_last_seg_ptr="*i32", slot_ptr="*i32")
+# At M1's shape every pointer is 16-byte aligned and every size and stride (H=64, D=128, the
+# strides of a fused [B, T, H, 3D] qkv tensor) is a multiple of 16, as Triton's JIT would see;
+# tests/test_triton_aot.py compiles with the same hints.
 PREFILL_ALIGNED = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "seg_state_ptr", "init_state_ptr", "final_state_ptr",
                    "stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
                    "stride_vb", "stride_vt", "stride_vh", "stride_ob", "stride_ot", "stride_oh", "H", "D", "DV")
