@@ -14,7 +14,15 @@ from ._dispatch import (
                         triton_interpret_enabled,
 )
 from ._nvtx import nvtx_range
-from .head import HeadOutput, cispo_loss, head_cispo_loss, head_logprobs, head_logprobs_reference, head_sample
+from .head import (
+                        HeadOutput,
+                        cispo_loss,
+                        head_cispo_loss,
+                        head_logits,
+                        head_logprobs,
+                        head_logprobs_reference,
+                        head_sample,
+)
 from .lightning import lightning_attention, lightning_attention_reference, lightning_decode, lightning_slopes
 from .moe import (
                         dequantize_moe_weight,
@@ -36,4 +44,5 @@ __all__ = [
     "moe_route", "fused_moe", "quantize_moe_weights", "moe_route_reference",
     "fused_moe_reference", "moe_block_reference", "dequantize_moe_weight",
     "HeadOutput", "head_logprobs", "head_sample", "cispo_loss", "head_cispo_loss", "head_logprobs_reference",
+    "head_logits",
 ]

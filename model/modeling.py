@@ -25,8 +25,6 @@ from .checks import as_id_tensor, as_int, prompt_list, slot_list, token_ids
 from .config import MiniMaxM1Config
 from .generation import generate as _generate
 
-HEAD_VOCAB_CHUNK = 32768  # rows of lm_head upcast to fp32 at a time in the full-logits path
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """M1's RMSNorm: normalize in fp32, round to x's dtype, then scale."""
@@ -54,16 +52,10 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The FP32 head for every row: ``hidden @ weight^T`` computed and returned in fp32.
-
-    The weight is upcast a vocabulary chunk at a time, so a bf16 head never exists in fp32 whole.
-    """
-    h = hidden.float()
-    if weight.dtype == torch.float32:
-        return F.linear(h, weight)
-    return torch.cat([F.linear(h, weight[i:i + HEAD_VOCAB_CHUNK].float())
-                      for i in range(0, weight.shape[0], HEAD_VOCAB_CHUNK)], dim=-1)
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """The FP32 head for every row (``mk.head_logits``): fp32 ``hidden @ weight^T``, the logits
+    the head's sampling and logprob paths compute, with no fp32 copy of the weight."""
+    return mk.head_logits(hidden, weight, backend=backend)
 
 
 @dataclass
@@ -467,7 +459,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- head
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return fp32_logits(hidden, self.lm_head.weight)
+        return fp32_logits(hidden, self.lm_head.weight, op_backend("head_logits", self.backend))
 
     def logprobs(self, input_ids: torch.Tensor, temperature: float = 1.0):
         """Per-token logprobs of ``input_ids[:, 1:]`` through mk.head_logprobs (no [T, V] tensor)."""

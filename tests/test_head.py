@@ -358,3 +358,20 @@ def test_head_cispo_loss_compiles():
     ref = f(he, w)
     ref.backward()
     assert torch.equal(loss, ref) and torch.equal(hk.grad, he.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_logits_are_the_heads_fp32_logits(backend):
+    """mk.head_logits: within fp32 rounding of the fp64 product, the logits head_sample samples
+    from (greedy picks their argmax), and differentiable when an input requires grad."""
+    h, w, _ = make_inputs(9, 700, 32, torch.bfloat16, 30.0)
+    z = mk.head_logits(h, w, temperature=0.7, backend=backend)
+    assert z.dtype == torch.float32 and z.shape == (9, 700)
+    truth = (h.double() @ w.double().T) / 0.7
+    assert ((z.double() - truth).abs() <= 4e-7 * truth.abs().clamp_min(1.0)).all()
+    tokens, _ = mk.head_sample(h, w, temperature=0.0, backend=backend)
+    assert torch.equal(tokens, z.argmax(-1))
+    hg = h.float().requires_grad_()
+    zg = mk.head_logits(hg, w.float(), backend=backend)
+    zg.sum().backward()
+    torch.testing.assert_close(hg.grad, w.float().sum(0).expand_as(hg))

@@ -24,6 +24,7 @@ EXPECTED = {
     "fused_moe": {"torch", "triton"},
     "head_logprobs": {"torch", "triton"},
     "head_sample": {"torch", "triton"},
+    "head_logits": {"torch", "triton"},
     "head_cispo_loss": {"torch", "triton"},
     "cispo_loss": {"torch"},
 }

@@ -33,6 +33,7 @@ from .reference import IGNORE_INDEX
 
 register_op("head_logprobs", backends=("torch", "triton"))
 register_op("head_sample", backends=("torch", "triton"))
+register_op("head_logits", backends=("torch", "triton"))
 # head_cispo_loss passes its backend to head_logprobs (the loss itself is torch everywhere).
 register_op("head_cispo_loss", backends=("torch", "triton"))
 register_op("cispo_loss", backends=("torch",))
@@ -252,6 +253,35 @@ def _sample_rows(z: torch.Tensor, top_p: float, top_k: int, generator) -> torch.
         z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
     probs = torch.softmax(z, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """The FP32 head for every row: fp32 ``(hidden @ weight.T) / temperature``, ``[..., V]``.
+
+    For callers that need the logits themselves (a model's ``.logits``, an engine's logits
+    processors); the training and sampling paths never form them (:func:`head_logprobs`,
+    :func:`head_sample`). Without autograd they are the logits those ops compute: the Triton
+    head kernel's (bitwise what :func:`head_sample` samples from), or the torch backend's
+    correctly rounded fp32 product, vocabulary chunk by chunk, so no fp32 copy of the weight
+    is made. When ``hidden`` or ``weight`` requires grad under autograd they are a
+    differentiable ``linear`` on fp32 upcasts (a transient fp32 copy of the weight).
+    """
+    _check_head_inputs(hidden, weight)
+    t = _check_temperature(temperature)
+    lead, (V, K) = hidden.shape[:-1], weight.shape
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        z = torch.nn.functional.linear(hidden.to(torch.float32), weight.to(torch.float32))
+        return z if t == 1.0 else z / t
+    h2 = hidden.reshape(-1, K)
+    if h2.shape[0] == 0:
+        return h2.new_empty(*lead, V, dtype=torch.float32)
+    if resolve_backend("head_logits", backend, hidden.device) == "triton":
+        from .triton_head import head_logits_triton
+        z = head_logits_triton(h2.contiguous(), weight.contiguous(), t)
+    else:
+        z = torch_head.tempered_logits_fp32(h2, weight, t)
+    return z.reshape(*lead, V)
 
 
 @annotate("mm1.head_sample")

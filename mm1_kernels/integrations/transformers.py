@@ -207,24 +207,11 @@ def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     vocabulary so no fp32 copy of the weight is made. With autograd: ``linear`` on fp32
     upcasts (differentiable; the upcast costs a transient fp32 copy of the weight).
     """
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return F.linear(hidden.to(torch.float32), weight.to(torch.float32))
     import mm1_kernels as mk
-    from mm1_kernels.head import torch_head
 
-    lead, K = hidden.shape[:-1], hidden.shape[-1]
-    h2 = hidden.reshape(-1, K).contiguous()
-    weight = weight.contiguous()
-    if h2.dtype != weight.dtype:
-        h2 = h2.to(weight.dtype)
-    if h2.shape[0] == 0:
-        return h2.new_empty(*lead, weight.shape[0], dtype=torch.float32)
-    if mk.resolve_backend("head_sample", None, h2.device) == "triton":
-        from mm1_kernels.head.triton_head import head_logits_triton
-        z = head_logits_triton(h2, weight, 1.0)
-    else:
-        z = torch_head.tempered_logits_fp32(h2, weight, 1.0)
-    return z.reshape(*lead, weight.shape[0])
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return mk.head_logits(hidden, weight.contiguous())
 
 
 def fp32_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor],
