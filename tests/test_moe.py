@@ -11,7 +11,8 @@ from cuda_graphs import graph_replay_and_eager
 
 import mm1_kernels as mk
 from mm1_kernels._dispatch import triton_interpret_enabled
-from mm1_kernels.moe.triton_fused_moe import MOE_CONFIGS, TOKEN_BUCKETS, fit_stages, moe_align, moe_config
+from mm1_kernels.moe import tile_configs
+from mm1_kernels.moe.triton_fused_moe import fit_stages, moe_align, moe_config
 
 from numerics import assert_close_to_reference, case_id, rel_err
 
@@ -328,7 +329,8 @@ def test_invalid_arguments_raise(device):
 def test_tile_configs_cover_m1_tensor_parallel_widths():
     for tp in (1, 2, 4, 8):
         inter = 9216 // tp
-        assert inter in MOE_CONFIGS and len(MOE_CONFIGS[inter]) == len(TOKEN_BUCKETS)
+        table = tile_configs.load_table(str(tile_configs.DEFAULT_FILE))
+        assert inter in table["configs"] and len(table["configs"][inter]) == len(table["buckets"])
         for tokens in (1, 2, 16, 17, 64, 65, 512, 513, 8192):
             cfg = moe_config(inter, 6144, tokens)
             for key in ("BLOCK_M", "BLOCK_N1", "BLOCK_K1", "BLOCK_N2", "BLOCK_K2"):
@@ -343,6 +345,121 @@ def test_tile_configs_cover_m1_tensor_parallel_widths():
                 # Enough programs with only 2 experts touched (T = 1) to keep 132 H100 SMs busy.
                 assert 2 * inter // cfg["BLOCK_N1"] >= 132
                 assert 2 * 6144 // cfg["BLOCK_N2"] >= 132
+
+
+@pytest.mark.parametrize("dtype,quant,ep", [("bf16", False, False), ("fp32", False, True), ("bf16", True, True)])
+def test_decode_direct_path_is_the_aligned_arithmetic(dtype, quant, ep, device, monkeypatch):
+    """Decode (T·k ≤ DIRECT_MAX_ENTRIES) skips the alignment and fuses the combine: two
+    launches, and bitwise the output of the four-launch aligned path with the same tiles."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no Triton device")
+    from mm1_kernels.moe import triton_fused_moe as F_
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    E, T, hidden, inter = 8, 6, 64, 96
+    w13, w2 = make_experts(E, hidden, inter, dt, device, seed=3)
+    x, logits = make_tokens(T, E, hidden, dt, device, seed=4)
+    topk_w, topk_ids = mk.moe_route(logits)
+    topk_ids[3] = torch.tensor([5, 5], dtype=topk_ids.dtype)  # one token's two slots on one expert
+    kw = {}
+    if quant:
+        w13, s13, w2, s2 = mk.quantize_moe_weights(w13, w2)
+        kw = dict(w13_scale=s13, w2_scale=s2)
+    if ep:  # experts 0, 2, 5 are local to this rank
+        emap = torch.full((E,), -1, dtype=torch.int32, device=device)
+        emap[torch.tensor([0, 2, 5])] = torch.arange(3, dtype=torch.int32, device=device)
+        keep = torch.tensor([0, 2, 5])
+        w13, w2 = w13[keep], w2[keep]
+        kw = {k: v[keep] for k, v in kw.items()}
+        kw["expert_map"] = emap
+    launches = []
+    for name in ("moe_align", "moe_combine_kernel", "moe_down_kernel", "moe_gate_up_kernel",
+                 "moe_down_combine_kernel"):
+        orig = getattr(F_, name)
+        if name == "moe_align":
+            def spy(*a, _o=orig, **k):
+                launches.append("align")
+                return _o(*a, **k)
+            monkeypatch.setattr(F_, name, spy)
+        else:
+            class Spy:
+                def __init__(self, kernel, tag):
+                    self.kernel, self.tag = kernel, tag
+
+                def __getitem__(self, grid):
+                    launches.append(self.tag)
+                    return self.kernel[grid]
+            monkeypatch.setattr(F_, name, Spy(orig, name))
+    direct = mk.fused_moe(x, w13, w2, topk_w, topk_ids, backend="triton", **kw)
+    assert launches == ["moe_gate_up_kernel", "moe_down_combine_kernel"], launches
+    launches.clear()
+    monkeypatch.setattr(F_, "DIRECT_MAX_ENTRIES", 0)
+    aligned = mk.fused_moe(x, w13, w2, topk_w, topk_ids, backend="triton", **kw)
+    assert launches == ["align", "moe_gate_up_kernel", "moe_down_kernel", "moe_combine_kernel"], launches
+    assert torch.equal(direct, aligned)
+    if not quant and not ep:
+        ref = mk.fused_moe_reference(x.double(), w13.double(), w2.double(), topk_w.double(), topk_ids)
+        assert_close_to_reference(direct, ref, naive=naive_same_precision(x, w13, w2, topk_w, topk_ids))
+
+
+def test_decode_direct_path_bad_ids_give_nan_rows(device):
+    if "triton" not in BACKENDS:
+        pytest.skip("no Triton device")
+    E, T, hidden, inter = 4, 3, 64, 64
+    w13, w2 = make_experts(E, hidden, inter, torch.float32, device)
+    x, logits = make_tokens(T, E, hidden, torch.float32, device)
+    topk_w, topk_ids = mk.moe_route(logits)
+    topk_ids[1, 1] = E
+    out = mk.fused_moe(x, w13, w2, topk_w, topk_ids, backend="triton", check_ids=False)
+    assert bool(out[1].isnan().all()) and bool(out[[0, 2]].isfinite().all())
+
+
+def _write_table(path, inter, cfg, buckets=(1, None)):
+    doc = {"token_buckets": list(buckets), "configs": {str(inter): [cfg] * len(buckets)}}
+    path.write_text(__import__("json").dumps(doc))
+    return str(path)
+
+
+def test_tile_table_lookup_user_file_device_file_and_errors(tmp_path, monkeypatch):
+    """Which table decides (MM1_MOE_CONFIG, then the device's file, then the default), and a
+    malformed table is an error naming the file, never a silent fallback."""
+    base = dict(BLOCK_M=32, BLOCK_N1=32, BLOCK_K1=32, BLOCK_N2=32, BLOCK_K2=32, num_warps=2, num_stages=2,
+                GROUP_M=4)
+    default = moe_config(9216, 6144, 8192)
+    monkeypatch.setattr(tile_configs, "CONFIG_DIR", tmp_path)
+    dev = tile_configs.device_file("NVIDIA H200", "bf16")
+    assert dev.parent == tmp_path and dev.name == "device_name=NVIDIA_H200,dtype=bf16.json"
+    _write_table(dev, 9216, dict(base, GROUP_M=5))
+    tile_configs._resolve.cache_clear()
+    assert moe_config(9216, 6144, 8192, "NVIDIA H200")["GROUP_M"] == 5
+    assert moe_config(9216, 6144, 8192, "NVIDIA H200", "int8") == default  # no int8 file: the default
+    assert moe_config(1152, 6144, 8192, "NVIDIA H200") == moe_config(1152, 6144, 8192)  # width not listed
+    user = _write_table(tmp_path / "mine.json", 9216, dict(base, GROUP_M=7))
+    monkeypatch.setenv("MM1_MOE_CONFIG", user)
+    assert moe_config(9216, 6144, 8192, "NVIDIA H200")["GROUP_M"] == 7
+    bad = tmp_path / "bad.json"
+    for doc in ({"configs": {}}, {"token_buckets": [1, 16], "configs": {}},
+                {"token_buckets": [1, None], "configs": {"64": [base]}},
+                {"token_buckets": [None], "configs": {"64": [dict(base, BLOCK_M=0)]}}):
+        bad.write_text(__import__("json").dumps(doc))
+        tile_configs.load_table.cache_clear()
+        monkeypatch.setenv("MM1_MOE_CONFIG", str(bad))
+        with pytest.raises(ValueError, match="bad.json"):
+            moe_config(64, 64, 1)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        tile_configs.device_file("x", "fp8")
+    tile_configs.load_table.cache_clear()
+    tile_configs._resolve.cache_clear()
+
+
+def test_default_tile_table_file_is_formatted_by_format_table():
+    """default.json is what format_table writes (so the tuner's files diff cleanly against it)."""
+    import json
+    text = tile_configs.DEFAULT_FILE.read_text()
+    doc = json.loads(text)
+    table = tile_configs.load_table(str(tile_configs.DEFAULT_FILE))
+    configs = {str(k): v for k, v in table["configs"].items()}
+    assert tile_configs.format_table(configs, table["buckets"], doc["_comment"]) == text
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
 """Packaging: the wheel holds mm1_kernels and mm1_model only, one version, every package listed."""
+import glob
 import os
 import subprocess
 import sys
@@ -51,6 +52,10 @@ def test_wheel_holds_only_the_two_packages(tmp_path):
     assert tops == {"mm1_kernels", "mm1_model", f"mm1_kernels-{mm1_kernels.__version__}.dist-info"}, tops
     packages = {os.path.dirname(n).replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert packages == _package_folders()
+    # Package data the kernels read at run time: every fused-MoE tile table.
+    tables = {os.path.basename(p) for p in glob.glob(str(ROOT / "mm1_kernels" / "moe" / "configs" / "*.json"))}
+    assert "default.json" in tables
+    assert {os.path.basename(n) for n in names if n.startswith("mm1_kernels/moe/configs/")} == tables
 
 
 def test_bench_and_profiles_are_not_installed_modules(tmp_path):

@@ -1,7 +1,7 @@
 """Fused MoE experts in Triton: permutation metadata, two grouped GEMMs, a deterministic combine.
 
-Four launches, no host synchronization, every grid sized from shapes alone (so a decode step
-can be captured in a CUDA graph):
+Four launches (two for decode), no host synchronization, every grid sized from shapes alone
+(so a decode step can be captured in a CUDA graph):
 
 1. ``moe_align_kernel`` (one program): the N = T·k (token, slot) *entries* are counted per
    expert, each expert's count is padded up to the GEMM row tile ``BLOCK_M``, and the entries
@@ -16,12 +16,13 @@ can be captured in a CUDA graph):
    (global id → local index, -1 = on another rank; vLLM's convention) ids are mapped *before*
    counting, so entries of experts held elsewhere are never placed, cost no GEMM rows, and E
    (hence the static grid bound) is the local expert count.
-2. ``moe_gate_up_kernel``: program (row tile, column tile of I). It gathers its rows of x
+2. ``moe_gate_up_kernel``: program (row tile, column tile of I), launched in groups of
+   ``GROUP_M`` row tiles × all column tiles, row tile fastest (``grouped_tile``). It gathers its rows of x
    straight from x through ``sorted_ids`` (no permuted copy of x), accumulates the gate
    (w13 rows n) and up (w13 rows I+n) tiles of the same columns side by side in fp32, and
    writes ``silu(gate)·up`` into ``h [max_blocks·BLOCK_M, I]`` in x's dtype — no [T·k, 2I]
    intermediate, no activation kernel.
-3. ``moe_down_kernel``: program (row tile, column tile of hidden); ``h @ w2[e]^T`` times the
+3. ``moe_down_kernel``: program (row tile, column tile of hidden), same grouped order; ``h @ w2[e]^T`` times the
    entry's routing weight in the epilogue, stored as fp32 row ``entry`` of ``rows [N, hidden]``.
 4. ``moe_combine_kernel``: ``y[t] = Σ_j rows[t·k + j]`` in slot order j = 0..k-1, then the cast
    to x's dtype. Fixed order and no atomics: bitwise deterministic. A slot whose expert the map
@@ -29,6 +30,17 @@ can be captured in a CUDA graph):
    read). A token with an out-of-range expert id or map value (possible only when the host
    check was skipped under graph capture or torch.compile) was never placed by step 1, and its
    output row is NaN rather than garbage.
+
+Decode (T·k ≤ ``DIRECT_MAX_ENTRIES``, i.e. T ≤ 8 at top-2): the single-program alignment is a
+serial step and the combine a third launch, both pure overhead when a handful of entries
+stream a few experts' weights. ``DIRECT`` mode skips them: each entry is its own row tile of
+GEMM 1 (its expert read from the routing ids), and ``moe_down_combine_kernel`` computes a
+token's k rows of GEMM 2 and sums them in slot order in one program — the combine's exact
+arithmetic. Weights are read as in the aligned path (tokens sharing an expert are adjacent in
+launch order, so its tiles come from L2 the second time).
+
+Tile shapes are data: ``tile_configs.py`` and ``configs/*.json`` (per device and weight dtype,
+written by ``python -m bench.tune_moe``).
 
 int8 weight-only experts: weights are loaded as int8 (half the bytes of bf16, the point at
 small batch), converted to the activation dtype in registers (exact: |q| ≤ 127 fits bf16's
@@ -46,11 +58,14 @@ interleaved buffers (vLLM pads weight rows for alignment) are used in place, nev
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .._triton_interpret import interpreted_with_fixes
+from .tile_configs import fit_stages, moe_config  # noqa: F401  (re-exported: one table, one home)
 
 
 @triton.jit
@@ -68,6 +83,20 @@ def local_expert(ids, map_ptr, E, G, HAS_MAP: tl.constexpr):
     else:
         local = tl.where((ids >= 0) & (ids < E), ids, -2)
     return local.to(tl.int32)
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in the grouped launch order: groups of
+    ``GROUP_M`` row tiles × all ``num_n`` column tiles, row tile fastest inside a group. The
+    group's activation rows stay in L2 across its column sweep, and a weight column tile is
+    read by the group's row tiles of one expert back to back (they are adjacent in launch
+    order). The last group may hold fewer row tiles."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    in_group = pid % per_group
+    return first_m + in_group % rows_in_group, in_group // rows_in_group
 
 
 @interpreted_with_fixes
@@ -120,27 +149,47 @@ def moe_align_kernel(ids_ptr, map_ptr, sorted_ids_ptr, block_expert_ptr, N, E, G
         running += tl.sum(hit, axis=0)
 
 
+@triton.jit
+def gemm_rows(pid_m, sorted_ids_ptr, block_expert_ptr, ids_ptr, map_ptr, N, E, G,
+              DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, entries, row_ok, h rows) of row tile ``pid_m``.
+
+    Aligned: the tile's expert and entries come from ``moe_align`` (expert -1 past the end),
+    and its ``h`` rows are the tile's padded slots. ``DIRECT`` (decode): row tile = entry
+    ``pid_m`` alone, its expert read from the routing ids (local_expert: -1 non-local, -2
+    invalid), its ``h`` row the entry itself; the other BLOCK_M - 1 rows are the sentinel N."""
+    rows = tl.arange(0, BLOCK_M)
+    if DIRECT:
+        expert = local_expert(tl.load(ids_ptr + pid_m), map_ptr, E, G, HAS_MAP)
+        entry = tl.where(rows == 0, pid_m, N)
+        h_rows = entry
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        h_rows = pid_m * BLOCK_M + rows
+        entry = tl.load(sorted_ids_ptr + h_rows)
+    return expert, entry, entry < N, h_rows
+
+
 @interpreted_with_fixes
 @triton.jit
-def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
-                       N, I, K, stride_xt, stride_we, stride_wn, stride_se, stride_sn,
+def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, ids_ptr, map_ptr,
+                       num_m, N, I, K, E, G, stride_xt, stride_we, stride_wn, stride_se, stride_sn,
                        TOP_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
+                       DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, GROUP_M: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+    expert, entry, row_ok, h_rows = gemm_rows(pid_m, sorted_ids_ptr, block_expert_ptr, ids_ptr, map_ptr,
+                                              N, E, G, DIRECT, HAS_MAP, BLOCK_M)
+    if expert < 0:  # padding tile (aligned) or a non-local / invalid expert (direct): no work
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    entry = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = entry < N
     token = entry // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]
     w_base = w_ptr + expert.to(tl.int64) * stride_we
-    # [BLOCK_K, BLOCK_N] views of the gate rows n and the up rows I + n of w13[e].
+    # [BLOCK_K, BLOCK_N] views of the gate rows n and the up rows I + n of w13[e]: the two
+    # BLOCK_M × BLOCK_N accumulators are one BLOCK_M × 2·BLOCK_N output tile.
     g_ptrs = w_base + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + I * stride_wn  # 2I·hidden per expert stays far below 2^31
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -165,28 +214,20 @@ def moe_gate_up_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, sorted_ids_ptr, block_exp
         acc_g *= tl.load(s_ptrs, mask=n_ok, other=0.0)[None, :]
         acc_u *= tl.load(s_ptrs + I * stride_sn, mask=n_ok, other=0.0)[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_n[None, :]
+    h_ptrs = h_ptr + h_rows.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@interpreted_with_fixes
 @triton.jit
-def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_ptr,
-                    block_expert_ptr, N, H, I, stride_we, stride_wn, stride_se, stride_sn,
-                    QUANT: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    entry = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = entry < N
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
+def down_tile(h_ptr, w_ptr, scale_ptr, expert, h_rows, row_ok, offs_n, n_ok, H, I,
+              stride_we, stride_wn, stride_se, stride_sn,
+              QUANT: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``h[h_rows] @ w2[expert][offs_n]^T`` in fp32 (int8: times the channel scales). One
+    function for both down kernels, so a decode token's row is the same arithmetic as a
+    prefill entry's."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_k[None, :]
+    a_ptrs = h_ptr + h_rows.to(tl.int64)[:, None] * I + offs_k[None, :]
     b_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
               + offs_k[:, None])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -202,10 +243,61 @@ def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_pt
     if QUANT:
         acc *= tl.load(scale_ptr + expert.to(tl.int64) * stride_se + offs_n * stride_sn,
                        mask=n_ok, other=0.0)[None, :]
+    return acc
+
+
+@interpreted_with_fixes
+@triton.jit
+def moe_down_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, rows_ptr, sorted_ids_ptr,
+                    block_expert_ptr, num_m, N, H, I, stride_we, stride_wn, stride_se, stride_sn,
+                    QUANT: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    expert, entry, row_ok, h_rows = gemm_rows(pid_m, sorted_ids_ptr, block_expert_ptr, sorted_ids_ptr,
+                                              sorted_ids_ptr, N, 0, 0, False, False, BLOCK_M)
+    if expert < 0:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    acc = down_tile(h_ptr, w_ptr, scale_ptr, expert, h_rows, row_ok, offs_n, n_ok, H, I,
+                    stride_we, stride_wn, stride_se, stride_sn, QUANT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     route_w = tl.load(topk_w_ptr + entry, mask=row_ok, other=0.0)
     acc *= route_w[:, None]
     out_ptrs = rows_ptr + entry.to(tl.int64)[:, None] * H + offs_n[None, :]
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@interpreted_with_fixes
+@triton.jit
+def moe_down_combine_kernel(h_ptr, w_ptr, scale_ptr, topk_w_ptr, ids_ptr, map_ptr, out_ptr, T, H, I, E, G,
+                            stride_we, stride_wn, stride_se, stride_sn, stride_ot,
+                            TOP_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
+                            HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """Decode (``DIRECT``): GEMM 2 and the combine in one launch. Program (token t, column
+    tile), token fastest so tokens sharing an expert read its weight tile back to back; the
+    token's k entries (h rows t·k + j, one tensor-core row each) are summed in slot order
+    j = 0..k-1 exactly as ``moe_combine_kernel`` sums the fp32 rows: same values, same order."""
+    pid = tl.program_id(0)
+    t = pid % T
+    offs_n = (pid // T) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    first_row = tl.arange(0, BLOCK_M) == 0
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        entry = t * TOP_K + j
+        e = local_expert(tl.load(ids_ptr + entry), map_ptr, E, G, HAS_MAP)
+        placed = e >= 0
+        # Masks as full tensors: Triton 3.9's interpreter rejects a tensor & scalar-bool mask.
+        rows_placed = first_row & ((tl.zeros((BLOCK_M,), tl.int32) + e) >= 0)
+        cols_placed = n_ok & ((tl.zeros((BLOCK_N,), tl.int32) + e) >= 0)
+        acc = down_tile(h_ptr, w_ptr, scale_ptr, tl.maximum(e, 0), tl.zeros((BLOCK_M,), tl.int32) + entry,
+                        rows_placed, offs_n, cols_placed, H, I,
+                        stride_we, stride_wn, stride_se, stride_sn, QUANT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        row = tl.sum(tl.where(first_row[:, None], acc, 0.0), axis=0) * tl.load(topk_w_ptr + entry)
+        # As in the combine: a non-local entry (-1) adds exactly zero, an invalid one (-2) NaN.
+        total += tl.where(placed, row, tl.where(e == -1, 0.0, float("nan")))
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @interpreted_with_fixes
@@ -226,70 +318,10 @@ def moe_combine_kernel(rows_ptr, ids_ptr, map_ptr, out_ptr, H, E, G, stride_ot,
     tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tile configurations.
-#
-# Keyed on the expert width I of one tensor-parallel rank of M1 (hidden 6144: I = 9216 / TP for
-# TP 1, 2, 4, 8) and on a bucket of the token count T. Entries: (BLOCK_M, GEMM 1 BLOCK_N,
-# BLOCK_K, GEMM 2 BLOCK_N, BLOCK_K, num_warps, num_stages).
-#
-# Why these shapes: at T ≤ 64 (decode) an expert sees 1-4 rows, so BLOCK_M is the tensor-core
-# minimum 16 and the time is the read of the touched experts' weights (2 experts × 3 × 6144 × I
-# × 2 bytes at T = 1). That read is only fast when the grid keeps every SM streaming, so the
-# column tiles shrink as I shrinks: at T = 1 only 2 experts are active, and GEMM 1 has
-# 2 × I / BLOCK_N programs — BLOCK_N = 16 at TP 8 (144 programs for 132 H100 SMs) up to 64 at
-# TP 1 (288); GEMM 2 has 2 × 6144 / BLOCK_N. Wide BLOCK_K (128-256) gives long contiguous
-# weight reads and few loop trips per program. From T ≈ 17 all 32 experts are touched and the
-# grid is already ≥ 32 × I / BLOCK_N, so columns widen. Past 64 tokens the GEMMs become compute
-# bound (~T·k/32 rows per expert): BLOCK_M grows to 64/128 to reuse each weight tile over more
-# rows, with 128-wide columns and deeper pipelines, as in standard Hopper GEMM tiles.
-# These are derived from the arithmetic above, not yet tuned on a GPU (bench/moe.py does that).
-TOKEN_BUCKETS = (1, 16, 64, 512, 1 << 62)   # bucket i covers T in (TOKEN_BUCKETS[i-1], TOKEN_BUCKETS[i]]
-MOE_CONFIGS = {
-    # I:    T ≤ 1                         T ≤ 16                        T ≤ 64
-    #       T ≤ 512                       T > 512
-    9216: ((16, 64, 128, 64, 128, 4, 4), (16, 64, 128, 64, 128, 4, 4), (16, 64, 128, 128, 128, 4, 4),
-           (64, 128, 64, 128, 64, 8, 3), (128, 128, 64, 128, 64, 8, 3)),
-    4608: ((16, 32, 256, 64, 128, 4, 4), (16, 32, 256, 64, 128, 4, 4), (16, 64, 128, 128, 128, 4, 4),
-           (64, 128, 64, 128, 64, 8, 3), (128, 128, 64, 128, 64, 8, 3)),
-    2304: ((16, 32, 256, 32, 256, 4, 4), (16, 32, 256, 32, 256, 4, 4), (16, 64, 128, 64, 128, 4, 4),
-           (64, 64, 64, 128, 64, 4, 3), (128, 128, 64, 128, 64, 8, 3)),
-    1152: ((16, 16, 256, 32, 256, 4, 4), (16, 16, 256, 32, 256, 4, 4), (16, 32, 256, 64, 128, 4, 4),
-           (64, 64, 64, 64, 64, 4, 3), (64, 128, 64, 128, 64, 8, 3)),
-}
-
-
-def moe_config(inter: int, hidden: int, tokens: int):
-    """The tile configuration for expert width ``inter`` and ``tokens`` tokens.
-
-    Widths not in the table take the entry of the nearest M1 width; tiles are then clipped to
-    the problem (powers of two, ≥ 16 for tl.dot) so tiny test shapes do not pay for empty tiles.
-    """
-    bucket = next(i for i, hi in enumerate(TOKEN_BUCKETS) if tokens <= hi)
-    key = min(MOE_CONFIGS, key=lambda w: abs(w - inter))
-    bm, bn1, bk1, bn2, bk2, warps, stages = MOE_CONFIGS[key][bucket]
-    p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
-    return dict(BLOCK_M=bm, BLOCK_N1=min(bn1, p2(inter)), BLOCK_K1=min(bk1, p2(hidden)),
-                BLOCK_N2=min(bn2, p2(hidden)), BLOCK_K2=min(bk2, p2(inter)),
-                num_warps=warps, num_stages=stages)
-
-
-# Shared memory a software-pipelined program may use (H100 and H200 allow 227 KiB per block;
-# leave room for the epilogue's layout conversions).
-SMEM_BUDGET = 160 * 1024
-
-
-def fit_stages(stages: int, block_m: int, block_n: int, block_k: int, n_weight_tiles: int,
-               act_bytes: int, weight_bytes: int) -> int:
-    """Pipeline depth that keeps one stage's tiles × stages under ``SMEM_BUDGET``.
-
-    The table is written for bf16 activations and weights; fp32 inputs double every tile, so
-    the same tiles run with fewer stages rather than failing to compile.
-    """
-    per_stage = block_m * block_k * act_bytes + n_weight_tiles * block_k * block_n * weight_bytes
-    while stages > 1 and stages * per_stage > SMEM_BUDGET:
-        stages -= 1
-    return stages
+# Decode: up to this many (token, slot) entries skip the alignment and the separate combine
+# (two launches instead of four): each entry is its own row tile. At M1's top-2 that is T ≤ 8;
+# past it, entries of one expert start sharing row tiles and the aligned path wins.
+DIRECT_MAX_ENTRIES = 16
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
@@ -321,10 +353,23 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     return sorted_ids, block_expert, max_blocks
 
 
+@functools.cache
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _device_name(device: torch.device):
+    """The name the tile table is keyed on (None off CUDA: the default table)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None,
-                     expert_map=None):
-    """Launches the four kernels. Weights and scales are read through their strides (only the
-    weights' last dimension must be unit stride), so views of padded buffers cost no copy."""
+                     expert_map=None, config=None):
+    """Launches the kernels (four; two for decode). Weights and scales are read through their
+    strides (only the weights' last dimension must be unit stride), so views of padded buffers
+    cost no copy. ``config``: a tile configuration overriding the table (``bench.tune_moe``)."""
     T, hidden = x.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
@@ -332,13 +377,22 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scal
     n = T * top_k
     quant = w13.dtype == torch.int8
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is moot for 16-bit inputs
-    cfg = moe_config(inter, hidden, T)
-    bm = cfg["BLOCK_M"]
+    wname = "int8" if quant else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(w13.dtype, "bf16")
+    cfg = dict(config) if config is not None else moe_config(inter, hidden, T, _device_name(x.device), wname)
+    direct = n <= DIRECT_MAX_ENTRIES
+    bm = 16 if direct else cfg["BLOCK_M"]  # direct: one entry per tensor-core row tile
     ids = topk_ids.contiguous()
     route_w = topk_weights.to(torch.float32).contiguous()
     has_map = expert_map is not None
     emap = expert_map.contiguous() if has_map else ids  # [G] ints: tiny
-    sorted_ids, block_expert, max_blocks = moe_align(ids, E, bm, emap if has_map else None)
+    G = emap.shape[0] if has_map else E
+    if direct:
+        sorted_ids = block_expert = ids  # unused pointers
+        num_m = n
+        group_m = n  # entry fastest: entries sharing an expert read its weight tile back to back
+    else:
+        sorted_ids, block_expert, num_m = moe_align(ids, E, bm, emap if has_map else None)
+        group_m = cfg["GROUP_M"]
 
     act_bytes = x.element_size()
     stages1 = fit_stages(cfg["num_stages"], bm, cfg["BLOCK_N1"], cfg["BLOCK_K1"], 2, act_bytes,
@@ -346,29 +400,38 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scal
     stages2 = fit_stages(cfg["num_stages"], bm, cfg["BLOCK_N2"], cfg["BLOCK_K2"], 1, act_bytes,
                          w2.element_size())
 
-    h = torch.empty(max_blocks * bm, inter, dtype=x.dtype, device=x.device)
+    h = torch.empty(n if direct else num_m * bm, inter, dtype=x.dtype, device=x.device)
     scale13 = w13_scale if quant else x  # an unused pointer when not quantized
     scale2 = w2_scale if quant else x
     s13_strides = tuple(w13_scale.stride()) if quant else (0, 0)
     s2_strides = tuple(w2_scale.stride()) if quant else (0, 0)
-    moe_gate_up_kernel[(max_blocks, triton.cdiv(inter, cfg["BLOCK_N1"]))](
-        x, w13, scale13, h, sorted_ids, block_expert, n, inter, hidden,
+    moe_gate_up_kernel[(num_m * triton.cdiv(inter, cfg["BLOCK_N1"]),)](
+        x, w13, scale13, h, sorted_ids, block_expert, ids, emap, num_m, n, inter, hidden, E, G,
         x.stride(0), w13.stride(0), w13.stride(1), *s13_strides,
-        TOP_K=top_k, QUANT=quant, PRECISION=precision,
+        TOP_K=top_k, QUANT=quant, PRECISION=precision, DIRECT=direct, HAS_MAP=has_map, GROUP_M=group_m,
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
         num_warps=cfg["num_warps"], num_stages=stages1)
 
+    out = torch.empty(T, hidden, dtype=x.dtype, device=x.device)
+    if direct:
+        moe_down_combine_kernel[(T * triton.cdiv(hidden, cfg["BLOCK_N2"]),)](
+            h, w2, scale2, route_w, ids, emap, out, T, hidden, inter, E, G,
+            w2.stride(0), w2.stride(1), *s2_strides, out.stride(0),
+            TOP_K=top_k, QUANT=quant, PRECISION=precision, HAS_MAP=has_map,
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
+            num_warps=cfg["num_warps"], num_stages=stages2)
+        return out
+
     rows = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
-    moe_down_kernel[(max_blocks, triton.cdiv(hidden, cfg["BLOCK_N2"]))](
-        h, w2, scale2, route_w, rows, sorted_ids, block_expert, n, hidden, inter,
+    moe_down_kernel[(num_m * triton.cdiv(hidden, cfg["BLOCK_N2"]),)](
+        h, w2, scale2, route_w, rows, sorted_ids, block_expert, num_m, n, hidden, inter,
         w2.stride(0), w2.stride(1), *s2_strides,
-        QUANT=quant, PRECISION=precision,
+        QUANT=quant, PRECISION=precision, GROUP_M=group_m,
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
         num_warps=cfg["num_warps"], num_stages=stages2)
 
-    out = torch.empty(T, hidden, dtype=x.dtype, device=x.device)
     block_h = min(1024, max(16, triton.next_power_of_2(hidden)))
     moe_combine_kernel[(T, triton.cdiv(hidden, block_h))](
-        rows, ids, emap, out, hidden, E, emap.shape[0] if has_map else E, out.stride(0),
+        rows, ids, emap, out, hidden, E, G, out.stride(0),
         TOP_K=top_k, HAS_MAP=has_map, BLOCK_H=block_h, num_warps=4)
     return out

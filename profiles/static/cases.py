@@ -242,11 +242,13 @@ def moe(T: int, inter: int, dtype: str) -> OpCase:
     wt, w_elt = ("i8", 1) if q else ("bf16", 2)
     n = T * TOP_K
     c = F.moe_config(inter, HIDDEN, T)
-    bm = c["BLOCK_M"]
-    max_blocks = cdiv(n + min(E, n) * (bm - 1), bm)
+    direct = n <= F.DIRECT_MAX_ENTRIES
+    bm = 16 if direct else c["BLOCK_M"]
+    group_m = n if direct else c["GROUP_M"]
+    max_blocks = n if direct else cdiv(n + min(E, n) * (bm - 1), bm)
     touched = touched_experts(None, T)
     per_expert = n / touched
-    tiles = expected_row_tiles(T, bm)
+    tiles = n if direct else expected_row_tiles(T, bm)
     st1 = F.fit_stages(c["num_stages"], bm, c["BLOCK_N1"], c["BLOCK_K1"], 2, 2, w_elt)
     st2 = F.fit_stages(c["num_stages"], bm, c["BLOCK_N2"], c["BLOCK_K2"], 1, 2, w_elt)
     meta = dict(sorted_ids_ptr="*i32", block_expert_ptr="*i32", scale_ptr="*fp32")
@@ -259,6 +261,12 @@ def moe(T: int, inter: int, dtype: str) -> OpCase:
     n1, n2 = cdiv(inter, c["BLOCK_N1"]), cdiv(HIDDEN, c["BLOCK_N2"])
     block_e = max(16, 1 << (E - 1).bit_length())
     block_n = max(16, min(1 << max(0, (n - 1).bit_length()), max(16, 8192 // block_e)))
+    # Grouped launch order (grouped_tile): an expert's row tiles are adjacent, so one weight
+    # column tile is read from HBM once per group of GROUP_M row tiles the expert's tiles fall
+    # in (expected 1 + (tiles per expert - 1) / GROUP_M), and the group's activation rows are
+    # reused across the column sweep (distance GROUP_M programs, inside the co-resident window).
+    tiles_per_expert = tiles / touched
+    weight_reads = min(tiles_per_expert, 1 + (tiles_per_expert - 1) / group_m)
 
     def align_bytes(ctas):
         b = 2 * n * 4 + max_blocks * bm * 4 + max_blocks * 4
@@ -269,60 +277,84 @@ def moe(T: int, inter: int, dtype: str) -> OpCase:
         x = n * HIDDEN * 2 * n1
         h = n * inter * 2
         s = tiles * n1 * 2 * c["BLOCK_N1"] * 4 if q else 0
-        w_l2 = touched * 2 * inter * HIDDEN * w_elt          # row tiles of an expert are adjacent (pid_m)
-        x_shared = max_blocks < window(ctas)                 # column tiles of a row tile: distance max_blocks
+        w_l2 = touched * 2 * inter * HIDDEN * w_elt * weight_reads
+        x_shared = group_m < window(ctas)
         x_l2 = x / n1 if x_shared else x
         return (w + x + h + s, w_l2 + x_l2 + h + s,
-                f"w13 {w / 1e9:.3f} GB ({tiles:.1f} row tiles × {n1} column tiles; L2: once per touched expert "
-                f"{w_l2 / 1e9:.3f}), x rows {x / 1e9:.3f} GB (L2-shared across column tiles: "
-                f"{'yes' if x_shared else 'no'}, max_blocks {max_blocks} vs W {window(ctas)}), h written {h / 1e9:.3f}")
+                f"w13 {w / 1e9:.3f} GB ({tiles:.1f} row tiles × {n1} column tiles; L2: {weight_reads:.2f} reads per "
+                f"touched expert {w_l2 / 1e9:.3f}), x rows {x / 1e9:.3f} GB (L2-shared across column tiles: "
+                f"{'yes' if x_shared else 'no'}, GROUP_M {group_m} vs W {window(ctas)}), h written {h / 1e9:.3f}")
 
-    def down_bytes(ctas):
+    def down_bytes(ctas, fused_combine=False):
         w = tiles * n2 * c["BLOCK_N2"] * inter * w_elt
         a = n * inter * 2 * n2
-        rows = n * HIDDEN * 4
-        w_l2 = touched * HIDDEN * inter * w_elt
-        shared = max_blocks < window(ctas)
+        out = T * HIDDEN * 2 if fused_combine else n * HIDDEN * 4
+        w_l2 = touched * HIDDEN * inter * w_elt * weight_reads
+        shared = group_m < window(ctas)
         a_l2 = a / n2 if shared else a
-        return (w + a + rows, w_l2 + a_l2 + rows,
+        return (w + a + out, w_l2 + a_l2 + out,
                 f"w2 {w / 1e9:.3f} GB (L2: {w_l2 / 1e9:.3f}), h rows {a / 1e9:.3f} GB "
                 f"(shared: {'yes' if shared else 'no'}), "
-                f"fp32 rows written {rows / 1e9:.3f}")
+                + (f"bf16 y written {out / 1e9:.3f}" if fused_combine else f"fp32 rows written {out / 1e9:.3f}"))
 
     def combine_bytes(ctas):
         b = n * HIDDEN * 4 + T * HIDDEN * 2 + n * 4
         return b, b, "fp32 rows read, bf16 y written"
 
-    case.launches += [
-        Launch("moe align (1 program)",
-               (FUSED, "moe_align_kernel",
-                dict(ids_ptr="*i32", map_ptr="*i32", sorted_ids_ptr="*i32", block_expert_ptr="*i32"),
-                dict(HAS_MAP=False, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_E=block_e,
-                     BLOCK_S=max(16, min(1024, 8192 // block_e))), 4, 3, ()),
-               (1,), 1, None, "no dot", 0.0, align_bytes),
-        Launch(f"moe gate_up {bm}x{c['BLOCK_N1']}x{c['BLOCK_K1']}",
-               (FUSED, "moe_gate_up_kernel", dict(meta, x_ptr="*bf16", h_ptr="*bf16", w_ptr=f"*{wt}"),
-                dict(stride_sn=1, TOP_K=TOP_K, QUANT=q, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=c["BLOCK_N1"],
-                     BLOCK_K=c["BLOCK_K1"]), c["num_warps"], st1, aligned("moe_gate_up_kernel")),
-               (max_blocks, n1), round(tiles * n1), tiles * n1 * cdiv(HIDDEN, c["BLOCK_K1"]),
-               f"K loop {cdiv(HIDDEN, c['BLOCK_K1'])} trips × {tiles:.1f} active row tiles (of {max_blocks}; expected "
-               f"for uniform random routing, {per_expert:.0f} entries per touched expert) × {n1} column tiles",
-               4 * n * HIDDEN * inter, gate_up_bytes),
-        Launch(f"moe down {bm}x{c['BLOCK_N2']}x{c['BLOCK_K2']}",
-               (FUSED, "moe_down_kernel",
-                dict(meta, h_ptr="*bf16", w_ptr=f"*{wt}", topk_w_ptr="*fp32", rows_ptr="*fp32"),
-                dict(stride_sn=1, QUANT=q, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=c["BLOCK_N2"],
-                     BLOCK_K=c["BLOCK_K2"]), c["num_warps"], st2, aligned("moe_down_kernel")),
-               (max_blocks, n2), round(tiles * n2), tiles * n2 * cdiv(inter, c["BLOCK_K2"]),
-               f"K loop {cdiv(inter, c['BLOCK_K2'])} trips × {tiles:.1f} active row tiles × {n2} column tiles",
-               2 * n * HIDDEN * inter, down_bytes),
-        Launch("moe combine",
-               (FUSED, "moe_combine_kernel", dict(rows_ptr="*fp32", ids_ptr="*i32", map_ptr="*i32", out_ptr="*bf16"),
-                dict(TOP_K=TOP_K, HAS_MAP=False, BLOCK_H=1024), 4, 3, ()),
-               (T, cdiv(HIDDEN, 1024)), T * cdiv(HIDDEN, 1024), None, "no dot", 0.0, combine_bytes),
-    ]
+    gate_up = Launch(
+        f"moe gate_up {bm}x{c['BLOCK_N1']}x{c['BLOCK_K1']}" + (" (direct)" if direct else ""),
+        (FUSED, "moe_gate_up_kernel",
+         dict(meta, ids_ptr="*i32", map_ptr="*i32", x_ptr="*bf16", h_ptr="*bf16", w_ptr=f"*{wt}"),
+         dict(stride_sn=1, TOP_K=TOP_K, QUANT=q, PRECISION="tf32", DIRECT=direct, HAS_MAP=False, GROUP_M=group_m,
+              BLOCK_M=bm, BLOCK_N=c["BLOCK_N1"], BLOCK_K=c["BLOCK_K1"]), c["num_warps"], st1,
+         aligned("moe_gate_up_kernel")),
+        (max_blocks * n1,), round(tiles * n1), tiles * n1 * cdiv(HIDDEN, c["BLOCK_K1"]),
+        f"K loop {cdiv(HIDDEN, c['BLOCK_K1'])} trips × {tiles:.1f} active row tiles (of {max_blocks}; "
+        + ("one per entry" if direct else f"expected for uniform random routing, {per_expert:.0f} entries per "
+           "touched expert") + f") × {n1} column tiles",
+        4 * n * HIDDEN * inter, gate_up_bytes)
+    if direct:
+        case.launches += [
+            gate_up,
+            Launch(f"moe down+combine {bm}x{c['BLOCK_N2']}x{c['BLOCK_K2']} (direct)",
+                   (FUSED, "moe_down_combine_kernel",
+                    dict(h_ptr="*bf16", w_ptr=f"*{wt}", scale_ptr="*fp32", topk_w_ptr="*fp32", ids_ptr="*i32",
+                         map_ptr="*i32", out_ptr="*bf16"),
+                    dict(stride_sn=1, TOP_K=TOP_K, QUANT=q, PRECISION="tf32", HAS_MAP=False, BLOCK_M=bm,
+                         BLOCK_N=c["BLOCK_N2"], BLOCK_K=c["BLOCK_K2"]), c["num_warps"], st2,
+                    aligned("moe_down_combine_kernel")),
+                   (T * n2,), T * n2, T * n2 * cdiv(inter, c["BLOCK_K2"]),
+                   f"K loop {cdiv(inter, c['BLOCK_K2'])} trips (each of the {TOP_K} unrolled slot loops) × {T} tokens "
+                   f"× {n2} column tiles",
+                   2 * n * HIDDEN * inter, lambda ctas: down_bytes(ctas, fused_combine=True)),
+        ]
+    else:
+        case.launches += [
+            Launch("moe align (1 program)",
+                   (FUSED, "moe_align_kernel",
+                    dict(ids_ptr="*i32", map_ptr="*i32", sorted_ids_ptr="*i32", block_expert_ptr="*i32"),
+                    dict(HAS_MAP=False, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_E=block_e,
+                         BLOCK_S=max(16, min(1024, 8192 // block_e))), 4, 3, ()),
+                   (1,), 1, None, "no dot", 0.0, align_bytes),
+            gate_up,
+            Launch(f"moe down {bm}x{c['BLOCK_N2']}x{c['BLOCK_K2']}",
+                   (FUSED, "moe_down_kernel",
+                    dict(meta, h_ptr="*bf16", w_ptr=f"*{wt}", topk_w_ptr="*fp32", rows_ptr="*fp32"),
+                    dict(stride_sn=1, QUANT=q, PRECISION="tf32", GROUP_M=group_m, BLOCK_M=bm,
+                         BLOCK_N=c["BLOCK_N2"], BLOCK_K=c["BLOCK_K2"]), c["num_warps"], st2,
+                    aligned("moe_down_kernel")),
+                   (max_blocks * n2,), round(tiles * n2), tiles * n2 * cdiv(inter, c["BLOCK_K2"]),
+                   f"K loop {cdiv(inter, c['BLOCK_K2'])} trips × {tiles:.1f} active row tiles × {n2} column tiles",
+                   2 * n * HIDDEN * inter, down_bytes),
+            Launch("moe combine",
+                   (FUSED, "moe_combine_kernel",
+                    dict(rows_ptr="*fp32", ids_ptr="*i32", map_ptr="*i32", out_ptr="*bf16"),
+                    dict(TOP_K=TOP_K, HAS_MAP=False, BLOCK_H=1024), 4, 3, ()),
+                   (T, cdiv(HIDDEN, 1024)), T * cdiv(HIDDEN, 1024), None, "no dot", 0.0, combine_bytes),
+        ]
     case.notes = (f"tiles {c}; stages {st1}/{st2}; {touched:.1f} experts touched (expected, uniform routing); "
-                  f"max_blocks {max_blocks}")
+                  + ("direct decode path (no alignment, combine fused into GEMM 2)" if direct
+                     else f"max_blocks {max_blocks}"))
     return case
 
 
@@ -477,7 +509,7 @@ def all_cases() -> list[OpCase]:
     out = [lightning_prefill(8, 4096), lightning_prefill(1, 32768), lightning_prefill(1, 1 << 20)]
     out += [lightning_decode(b) for b in (1, 64, 256)]
     for inter in (9216, 1152):
-        for T in (1, 4096):
+        for T in (1, 4096, 16384):
             for dt in ("bf16", "int8"):
                 out.append(moe(T, inter, dt))
     out += [route(1), route(4096)]
