@@ -32,6 +32,12 @@ def parse_args(argv=None):
     ap.add_argument("--backends", type=lambda s: s.split(","), help="comma list of mm1 backends")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip peer implementations")
     ap.add_argument("--tp", type=int, default=1, help="MoE tensor parallelism: I = 9216 / tp")
+    ap.add_argument("--backward", action="store_true",
+                    help="time forward+backward (training) cases instead of the forward grid, "
+                         "for the ops that have them (moe, lightning)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time decode cases as CUDA-graph replays (GPU): the eager time minus the "
+                         "replay time is the launch overhead")
     ap.add_argument("--model-layers", type=int, default=2,
                     help="layers of the model benchmark (M1 widths; 2 = one lightning, one softmax)")
     ap.add_argument("--warmup-ms", type=float, help="warm-up per implementation (default 25 GPU, 10 CPU)")
@@ -87,7 +93,7 @@ def run(args) -> tuple[dict, Path]:
             op_rows += common.run_case(
                 case, lambda inputs, c=case: module.cost(c, inputs),
                 lambda c=case: module.make_inputs(c, device), impl_list, device, ceilings,
-                policy, getattr(module, "MEASURE_MEMORY", False), bar)
+                policy, getattr(module, "MEASURE_MEMORY", False), bar, cuda_graph=args.cuda_graph)
         bar.close()
         if hasattr(module, "postprocess"):
             op_rows = module.postprocess(op_rows, ceilings)
@@ -100,6 +106,7 @@ def run(args) -> tuple[dict, Path]:
                   "skipped_ops": skipped_ops, "env": env, "ceilings": ceilings,
                   "settings": {"tiny": args.tiny, "smoke": args.smoke, "tp": args.tp,
                                "timing": dataclasses.asdict(policy), "peers": args.peers,
+                               "backward": args.backward, "cuda_graph": args.cuda_graph,
                                "backends": args.backends, "model_layers": args.model_layers},
                   "cases": rows}
     path = common.write_results(run_record, args.out or common.RESULTS_DIR)

@@ -274,14 +274,31 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def graph_replay_time(fn: Callable[[], object], device: torch.device, policy: Policy) -> Timing:
+    """Median time of ``fn`` replayed from a CUDA graph: the kernels alone, without the Python,
+    dispatch and launch overhead an eager call pays (decode steps are made of short kernels, so
+    the difference is the launch overhead a serving engine removes by capturing its step)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside capture (allocator, lazy init, autotuning)
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_time(lambda i: graph.replay(), 1, device, policy)
+
+
 def run_case(case: Case, cost_of: Callable[[dict | None], Cost], make_inputs: Callable[[], dict],
              impls: list[Impl],
              device: torch.device, ceilings: dict, policy: Policy, measure_memory: bool = False,
-             progress=None) -> list[dict]:
+             progress=None, cuda_graph: bool = False) -> list[dict]:
     """Time every implementation of one case; one result row each (skips and failures included).
 
     ``cost_of(inputs)`` counts the case's FLOPs and bytes (from the first input set, or None
-    when the inputs could not be made).
+    when the inputs could not be made). ``cuda_graph``: decode cases on a GPU are also timed
+    as a CUDA-graph replay (``graph_ms``; ``launch_overhead_ms`` = eager − graph).
     """
     from mm1_kernels import BackendUnavailableError, nvtx_range
 
@@ -326,6 +343,12 @@ def run_case(case: Case, cost_of: Callable[[dict | None], Cost], make_inputs: Ca
                            TFLOPs=cost.flops / timing.median_ms / 1e9,
                            GBps=cost.bytes / timing.median_ms / 1e6,
                            bound=bound, fraction=fraction)
+                if cuda_graph and case.kind == "decode" and device.type == "cuda":
+                    try:  # one input set: a graph replays fixed addresses (the L2 may be warm)
+                        g = graph_replay_time(lambda: impl.fn(sets[0]), device, policy)
+                        row.update(graph_ms=g.median_ms, launch_overhead_ms=timing.median_ms - g.median_ms)
+                    except Exception as exc:  # e.g. an implementation that synchronizes the host
+                        row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
             except BackendUnavailableError as exc:
                 row.update(status="skipped", message=str(exc)[:500])
             except Exception as exc:
@@ -352,8 +375,10 @@ def format_row(row: dict) -> str:
     if row["status"] != "ok":
         return f"{head} {row['status']}: {row.get('message', '')}"[:200]
     mem = f"  peak {row['peak_mem_bytes'] / 2**20:,.0f} MiB" if "peak_mem_bytes" in row else ""
+    graph = (f"  graph {row['graph_ms']:.3f} ms (launch overhead {row['launch_overhead_ms']:.3f})"
+             if "graph_ms" in row else (f"  graph: {row['graph_error']}" if "graph_error" in row else ""))
     return (f"{head} {row['median_ms']:10.3f} ms {row['TFLOPs']:9.2f} TFLOP/s {row['GBps']:9.1f} GB/s"
-            f"  {100 * row['fraction']:5.1f}% of {row['bound']} ceiling{mem}")
+            f"  {100 * row['fraction']:5.1f}% of {row['bound']} ceiling{mem}{graph}")
 
 
 def write_results(run: dict, out_dir: Path) -> Path:

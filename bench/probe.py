@@ -24,6 +24,10 @@ check over its tolerance), ``timed_out`` (killed at its budget; what it finished
                              T=1 and 4096, bf16 and int8 weight-only, vs fp64
     correctness_head     50  head_logprobs V=200,064 hidden=6144 T=1024 bf16 forward and backward
                              vs fp64 autograd
+    correctness_backward 45  lightning_attention gradients (q, k, v, initial state; H=64 D=128
+                             T=512 bf16, final-state gradient too) and fused_moe gradients (x, w13,
+                             w2, routing weights; E=32 hidden=6144 I=1152 T=256 bf16) vs fp64
+                             autograd of the public references
     ceilings             25  D2D copy GB/s (1 GiB, read+write) and bf16 matmul TFLOP/s (8192^3),
                              bench/common.py's measure_ceilings
     -- wait for the background (at most until its 235 s are spent) --
@@ -34,11 +38,13 @@ check over its tolerance), ``timed_out`` (killed at its budget; what it finished
     timings_head         35  logprobs and fwd+bwd T=1024, sample B=64: mm1 torch/triton, torch fp32 head
     timings_fla          35  fla chunk_simple_gla (prefill) and fused_recurrent_simple_gla (decode),
                              when importable (its autotuning gets its own budget)
+    timings_backward     25  forward+backward: lightning B=1 T=32768 (mm1 triton, fla chunk_simple_gla
+                             when importable), fused_moe T=4096 I=1152 (mm1 triton, torch._grouped_mm)
     graphs               30  lightning decode B=1, 64 (triton, cuda) and a MoE decode step T=1
                              (moe_route + fused_moe, bf16 and int8): eager vs CUDA-graph replay
     tests                60  pytest tests/test_lightning_cuda.py -m "not slow" -k "not compute_sanitizer"
 
-Worst case: env 20 + max(background 235, correctness + ceilings 185) + the rest 255 = 510 s
+Worst case: env 20 + max(background 235, correctness + ceilings 230) + the rest 280 = 535 s
 (asserted below 540 at import), and a global deadline (525 s after the start) trims any stage's
 timeout that would pass it, so the probe ends inside 9 minutes by construction (plus a few
 seconds to write the files). ``--skip a,b`` skips stages (e.g. ``--skip build,tests`` for a rerun).
@@ -105,6 +111,7 @@ PHASE_A = [  # while the build runs
     Stage("correctness_lightning", 50, False, what="lightning prefill (dense, varlen) and decode vs fp64"),
     Stage("correctness_moe", 60, False, what="moe_route and fused_moe bf16/int8 vs fp64"),
     Stage("correctness_head", 50, False, what="head_logprobs forward and backward vs fp64"),
+    Stage("correctness_backward", 45, False, what="lightning and fused_moe gradients vs fp64 autograd"),
     Stage("ceilings", 25, False, what="D2D copy GB/s, bf16 matmul TFLOP/s"),
 ]
 PHASE_B = [  # after the build
@@ -113,6 +120,7 @@ PHASE_B = [  # after the build
     Stage("timings_moe", 35, False, what="prefill/decode bf16/int8, mm1 backends and peers"),
     Stage("timings_head", 35, False, what="logprobs, fwd+bwd, sample, mm1 backends and torch fp32 head"),
     Stage("timings_fla", 35, False, what="fla-core peers of lightning (when importable)"),
+    Stage("timings_backward", 25, False, what="forward+backward: lightning and fused_moe, mm1 and peers"),
     Stage("graphs", 30, True, what="eager vs CUDA-graph replay of decode steps"),
     Stage("tests", 60, True, True, "pytest tests/test_lightning_cuda.py, no sanitizer"),
 ]
@@ -418,6 +426,56 @@ def stage_correctness_head(w: Worker) -> None:
         w.check("head_logprobs", desc, b, "backward", bwd)
 
 
+def stage_correctness_backward(w: Worker) -> None:
+    """Training gradients at M1 shapes vs fp64 autograd of the public references (issue 12)."""
+    torch = w.torch
+    import mm1_kernels as mk
+
+    dev = w.device
+    backends = [b for b in _backends(w, "lightning_attention") if b != "torch"] or ["torch"]
+    H, D, T = (2, 32, 70) if w.tiny else (64, 128, 512)
+    slopes = mk.lightning_slopes(H, 39, 80).to(dev)
+    q, k, v = (torch.nn.functional.silu(torch.randn(1, T, H, D, device=dev)).to(torch.bfloat16) for _ in range(3))
+    init = torch.randn(1, H, D, D, device=dev) * 0.1
+    do = torch.randn(1, T, H, D, device=dev).to(torch.bfloat16)
+    dfinal = torch.randn(1, H, D, D, device=dev) * 0.1
+    leaves = [t.double().requires_grad_() for t in (q, k, v, init)]
+    t0 = time.perf_counter()
+    ref_o, ref_final = mk.lightning_attention_reference(*leaves[:3], slopes, leaves[3])
+    ref = torch.autograd.grad((ref_o, ref_final), leaves, (do.double(), dfinal.double()))
+    w.data["lightning_backward_reference_s"] = round(time.perf_counter() - t0, 2)
+    del ref_o, ref_final, leaves
+    for b in backends:
+        def run(b=b):
+            xs = [t.detach().clone().requires_grad_() for t in (q, k, v, init)]
+            o, final = mk.lightning_attention(*xs[:3], slopes, initial_state=xs[3], output_final_state=True, backend=b)
+            got = torch.autograd.grad((o, final), xs, (do, dfinal))
+            w.sync()
+            return [("rel", rel_err(g, r), TOL_BF16, name) for g, r, name in zip(got, ref, ("dq", "dk", "dv", "dinit"))]
+        w.check("lightning_attention", f"backward B=1 T={T} H={H} D={D} bf16", b, "gradients", run)
+    del ref
+
+    E, hidden, inter, top_k, Tm = (8, 64, 32, 2, 40) if w.tiny else (32, 6144, 1152, 2, 256)
+    w13 = (torch.randn(E, 2 * inter, hidden, device=dev) * hidden ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, hidden, inter, device=dev) * inter ** -0.5).to(torch.bfloat16)
+    x = torch.randn(Tm, hidden, device=dev).to(torch.bfloat16)
+    topk_w, topk_ids = mk.moe_route(torch.randn(Tm, E, device=dev) * 2, top_k, True, backend="torch")
+    dy = torch.randn(Tm, hidden, device=dev).to(torch.bfloat16)
+    leaves = [t.double().requires_grad_() for t in (x, w13, w2, topk_w)]
+    y = mk.fused_moe_reference(leaves[0], leaves[1], leaves[2], leaves[3], topk_ids, compute_dtype=torch.float64)
+    ref = torch.autograd.grad(y, leaves, dy.double())
+    del y, leaves
+    for b in [b for b in _backends(w, "fused_moe") if b != "torch"] or ["torch"]:
+        def run(b=b):
+            xs = [t.detach().clone().requires_grad_() for t in (x, w13, w2, topk_w)]
+            y = mk.fused_moe(xs[0], xs[1], xs[2], xs[3], topk_ids, backend=b)
+            got = torch.autograd.grad(y, xs, dy)
+            w.sync()
+            return [("rel", rel_err(g, r), TOL_BF16, name)
+                    for g, r, name in zip(got, ref, ("dx", "dw13", "dw2", "dtopk_weights"))]
+        w.check("fused_moe", f"backward T={Tm} E={E} hidden={hidden} I={inter} top{top_k} bf16", b, "gradients", run)
+
+
 def _policy(w: Worker):
     from bench import common
     return common.Policy.for_device(w.device, smoke=w.tiny)
@@ -514,6 +572,38 @@ def stage_timings_fla(w: Worker) -> None:
         raise Skip(f"fla-core is not importable ({type(exc).__name__}: {exc}); "
                    "carry its wheel in .wheels/") from None
     _timings(w, "lightning", _is_fla)
+
+
+BACKWARD_PICKS = {
+    "lightning": lambda c: c.kind == "fwd_bwd" and c.params["T"] == 32768,
+    "moe": lambda c: c.kind == "fwd_bwd" and c.params["T"] == 4096,
+}
+
+
+def stage_timings_backward(w: Worker) -> None:
+    """Forward+backward timings (bench's --backward grids): mm1 triton and the peers."""
+    import importlib
+
+    from bench import common
+    ceilings, policy = _ceilings(w), _policy(w)
+    for op in ("lightning", "moe"):
+        module = importlib.import_module(f"bench.{op}")
+        args = argparse.Namespace(tiny=w.tiny, backends=["triton"], peers=True, tp=1 if w.tiny else 8,
+                                  model_layers=2, backward=True)
+        grid = module.cases(w.device, args)
+        grid = grid[:1] if w.tiny else [c for c in grid if BACKWARD_PICKS[op](c)]
+        for case in grid:
+            for impl in module.impls(case, w.device, args):
+                if impl.name == "per-expert loop":  # the slowest peer; the forward timings have it
+                    continue
+                rows = common.run_case(case, lambda inputs, c=case: module.cost(c, inputs),
+                                       lambda c=case: module.make_inputs(c, w.device), [impl], w.device,
+                                       ceilings, policy)
+                for row in rows:
+                    row.pop("traceback", None)
+                    print(common.format_row(row), flush=True)
+                w.rows += rows
+                w.save()
 
 
 def _eager_and_graph(w: Worker, fn, calls: int = 20, trials: int = 15) -> dict:
@@ -903,10 +993,11 @@ def build_summary(p: Probe, env: dict, created: str) -> dict:
         stages[s.name].get("data", {}).pop("env", None)
     ceilings = next((r["data"]["ceilings"] for r in [res.get("ceilings", {})] + list(res.values())
                      if r.get("data", {}).get("ceilings")), {})
-    cases = [row for name in ("timings_lightning", "timings_moe", "timings_head", "timings_fla")
+    cases = [row for name in ("timings_lightning", "timings_moe", "timings_head", "timings_fla", "timings_backward")
              for row in res.get(name, {}).get("cases", [])]
     checks = [c for name in ("correctness_lightning", "correctness_moe", "correctness_head",
-                             "correctness_lightning_cuda") for c in res.get(name, {}).get("checks", [])]
+                             "correctness_backward", "correctness_lightning_cuda")
+              for c in res.get(name, {}).get("checks", [])]
     if not env:
         env = {"device_name": "unknown (env stage failed)", "git_commit": _git("rev-parse", "HEAD")}
     cpu = p.tiny

@@ -5,6 +5,9 @@ from a fixed seed; on a GPU a real-width slice of M1 sized to the GPU's memory),
 reloads it through the checkpoint path, runs a batched varlen prefill and greedy decode with
 the torch reference backend, replays the same tokens through every other backend, prints the
 logit agreement, and prints prefill and decode tokens/s per backend.
+
+``python -m mm1_model rl-demo [--backend triton ...]``: one CISPO step on the tiny model
+(``mm1_model.rl_demo``).
 """
 import os
 
@@ -147,9 +150,15 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps per prompt")
     p.add_argument("--backends", default=None, help="backends to check against torch (default triton,cuda)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun "
+                   "--nproc-per-node TP; needs --checkpoint)")
+    p.add_argument("--ep", action="store_true", help="with --tp: expert parallel (whole experts per rank)")
     args = p.parse_args(argv)
+    if args.tp > 1:
+        _init_distributed(args)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                                          else "cpu"))
     on_gpu = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -162,7 +171,8 @@ def main(argv=None):
         dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
         model = MiniMaxM1ForCausalLM.from_pretrained(args.checkpoint, dtype=dtype, layers=args.layers,
                                                      device=device, quantize_experts=args.int8_experts,
-                                                     progress=True)
+                                                     progress=True, tensor_parallel_size=args.tp,
+                                                     expert_parallel=args.ep)
         what = f"checkpoint {args.checkpoint}, layers {model.config.layer_ids[0]}..{model.config.layer_ids[-1]}"
     else:
         model, what = default_model(args, device)
@@ -239,12 +249,45 @@ def main(argv=None):
     print(f"\nsampled continuation (temperature 1.0, top_p 0.95, M1's recommended): "
           f"{sample[0][len(p0):].tolist()}")
     print(f"greedy continuation of prompt 0 (torch): {forced[:, 0].tolist() if forced is not None else []}")
+    if model.tp is not None:
+        _report_communication(model, prompts)
     print(f"done in {time.perf_counter() - t_start:.1f}s")
+
+
+def _init_distributed(args):
+    """``--tp W`` under torchrun: join the group (NCCL on GPUs, gloo on CPUs), one GPU per rank;
+    only rank 0 prints."""
+    import torch.distributed as dist
+    if not args.checkpoint:
+        raise ValueError("--tp needs --checkpoint DIR (each rank loads its slices of it)")
+    if "RANK" not in os.environ:
+        raise ValueError(f"--tp {args.tp}: run under torchrun --nproc-per-node {args.tp} -m mm1_model ...")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def _report_communication(model, prompts):
+    """Bytes each rank sends into each kind of collective, per token and layer, for one prefill."""
+    model.tp.comm_bytes.clear()
+    run_backend(model, "torch", prompts, 0)
+    n_tok, n_layers = sum(len(p) for p in prompts), len(model.config.layer_ids)
+    print(f"\ntensor parallel x{model.tp.size}{' (expert parallel)' if model.tp.expert_parallel else ''}: "
+          f"collective bytes per rank for one prefill, per token and layer:")
+    for what, n in sorted(model.tp.comm_bytes.items()):
+        print(f"  {what:16s} {n / n_tok / n_layers:10.1f}")
 
 
 def cli(argv=None):
     from .checkpoint import CheckpointError
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["rl-demo"]:  # python -m mm1_model rl-demo [...]: one CISPO step (rl_demo.py)
+            from .rl_demo import main as rl_demo
+            return rl_demo(argv[1:])
         main(argv)
     except (CheckpointError, ValueError, TypeError, BackendUnavailableError) as exc:
         raise SystemExit(f"error: {exc}") from exc

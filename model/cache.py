@@ -16,9 +16,17 @@ from .checks import as_int, as_size
 from .config import MiniMaxM1Config
 
 
+def _heads(config: MiniMaxM1Config, num_heads, num_kv_heads):
+    """(H, D, KVH) of the cache: the config's, or a tensor-parallel rank's local head counts."""
+    H = config.num_attention_heads if num_heads is None else as_size(num_heads, "num_heads")
+    KVH = config.num_key_value_heads if num_kv_heads is None else as_size(num_kv_heads, "num_kv_heads")
+    return H, config.head_dim, KVH
+
+
 class MiniMaxM1Cache:
     def __init__(self, config: MiniMaxM1Config, num_slots: int, max_len: int,
-                 device="cpu", dtype: torch.dtype = torch.bfloat16):
+                 device="cpu", dtype: torch.dtype = torch.bfloat16, num_heads=None, num_kv_heads=None):
+        """``num_heads``/``num_kv_heads``: the heads one tensor-parallel rank holds (default all)."""
         if not isinstance(config, MiniMaxM1Config):
             raise TypeError(f"config must be a MiniMaxM1Config, got {type(config).__name__}")
         num_slots = as_size(num_slots, "num_slots")
@@ -28,7 +36,7 @@ class MiniMaxM1Cache:
         ids = config.layer_ids
         lightning = [i for i in ids if config.is_lightning(i)]
         softmax = [i for i in ids if not config.is_lightning(i)]
-        H, D, KVH = config.num_attention_heads, config.head_dim, config.num_key_value_heads
+        H, D, KVH = _heads(config, num_heads, num_kv_heads)
         self.num_slots, self.max_len = num_slots, max_len
         # What the cache was shaped for: a model checks it before running (see ``check_fits``).
         self.layout = (tuple(lightning), tuple(softmax), H, D, KVH)
@@ -50,11 +58,13 @@ class MiniMaxM1Cache:
         n = self._softmax_index[layer_idx]
         return self.keys[n], self.values[n]
 
-    def check_fits(self, config: MiniMaxM1Config, device: torch.device, name: str = "cache") -> None:
-        """ValueError unless this cache was made for ``config``'s layers and shapes, on ``device``."""
+    def check_fits(self, config: MiniMaxM1Config, device: torch.device, name: str = "cache",
+                   num_heads=None, num_kv_heads=None) -> None:
+        """ValueError unless this cache was made for ``config``'s layers and shapes (with these
+        local heads), on ``device``."""
         ids = config.layer_ids
         want = (tuple(i for i in ids if config.is_lightning(i)), tuple(i for i in ids if not config.is_lightning(i)),
-                config.num_attention_heads, config.head_dim, config.num_key_value_heads)
+                *_heads(config, num_heads, num_kv_heads))
         if self.layout != want:
             raise ValueError(f"{name} was made for another model (layers/heads {self.layout[2:]} of "
                              f"{len(self.layout[0]) + len(self.layout[1])} layers); make it with model.new_cache")

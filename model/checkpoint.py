@@ -24,6 +24,7 @@ from mm1_kernels.progress import progress_bar
 from .backends import check_backend
 from .checks import as_int
 from .config import MiniMaxM1Config
+from .parallel import read_slice
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -126,6 +127,15 @@ class _Loader:
         self.E = config.num_local_experts
         self.missing = set(expected_keys(config))
         self.staged: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}  # int8: experts being assembled
+        # Tensor parallel: every read takes only this rank's slice (mm1_model.parallel); the
+        # checkpoint's shapes are checked against the unsharded model's, built on meta.
+        self.tp = getattr(model, "tp", None)
+        shapes_of = model
+        if self.tp is not None:
+            from .modeling import MiniMaxM1ForCausalLM
+            with torch.device("meta"):
+                shapes_of = MiniMaxM1ForCausalLM(config)
+        self.full_shapes = {n: tuple(p.shape) for n, p in shapes_of.named_parameters()}
 
     def target(self, key: str):
         """(kind, local layer, detail, original name) for a key; None for a layer outside the range."""
@@ -155,38 +165,64 @@ class _Loader:
     def expected_shape(self, t) -> Tuple[int, ...]:
         kind, n, detail, _ = t
         if kind == "plain":
-            return tuple(self.params[detail].shape)
-        moe = self.model.model.layers[n].block_sparse_moe
+            return self.full_shapes[detail]
         if kind == "stacked":
-            return tuple(getattr(moe, detail).shape)
+            return self.full_shapes[f"model.layers.{n}.block_sparse_moe.{detail}"]
         _, which = detail
-        return tuple(moe.w2.shape[1:]) if which == "w2" else (self.I, moe.w13.shape[-1])
+        hidden = self.model.config.hidden_size
+        return (hidden, self.I) if which == "w2" else (self.I, hidden)
+
+    def _spec(self, name: str):
+        return None if self.tp is None else self.tp.spec(name)
+
+    def _expert_spec(self, which: str, stacked: bool = False):
+        """This rank's cut of one expert's w1/w3 ``[I, hidden]`` or w2 ``[hidden, I]``; ``stacked``:
+        of its ``[2I, hidden]`` rows in transformers' gate_up stack (w3 = rows I..2I)."""
+        spec = None if self.tp is None else self.tp.expert_spec(which)
+        if not stacked or which == "w2":
+            return spec
+        dim, ranges = spec or (0, [(0, self.I)])
+        off = self.I if which == "w3" else 0
+        return dim, [(a + off, b + off) for a, b in ranges]
+
+    def _owns(self, e: int) -> bool:
+        return self.tp is None or self.tp.owns_expert(e)
 
     @torch.no_grad()
-    def load(self, t, tensor: torch.Tensor):
+    def load(self, t, stored):
+        """Fill the target of ``t`` from ``stored``, a lazy safetensors slice (``get_slice``), reading
+        only what this rank holds."""
         kind, n, detail, original = t
         if kind == "plain":
             p = self.params[detail]
-            p.copy_(tensor.to(device=p.device, dtype=p.dtype))
+            p.copy_(read_slice(stored, self._spec(detail)).to(device=p.device, dtype=p.dtype))
             self.missing.discard(original)
             return
         moe = self.model.model.layers[n].block_sparse_moe
         g = self.model.config.layer_ids[n]
-        if kind == "stacked":  # ``tensor`` is a lazy safetensors slice: read one expert at a time
+        if kind == "stacked":  # read one expert at a time
             for e in range(self.E):
-                w = tensor[e]
+                if not self._owns(e):  # another rank's expert: never read
+                    for which in (("w1", "w3") if detail == "w13" else ("w2",)):
+                        self._expert(moe, g, e, which, None)
+                    continue
                 if detail == "w13":
-                    self._expert(moe, g, e, "w1", w[:self.I])
-                    self._expert(moe, g, e, "w3", w[self.I:])
+                    self._expert(moe, g, e, "w1", read_slice(stored, self._expert_spec("w1", True), (e,)))
+                    self._expert(moe, g, e, "w3", read_slice(stored, self._expert_spec("w3", True), (e,)))
                 else:
-                    self._expert(moe, g, e, "w2", w)
-                del w
+                    self._expert(moe, g, e, "w2", read_slice(stored, self._expert_spec("w2"), (e,)))
             return
-        self._expert(moe, g, detail[0], detail[1], tensor)
+        e, which = detail
+        self._expert(moe, g, e, which, read_slice(stored, self._expert_spec(which)) if self._owns(e) else None)
 
-    def _expert(self, moe, g: int, e: int, which: str, w: torch.Tensor):
+    def _expert(self, moe, g: int, e: int, which: str, w: Optional[torch.Tensor]):
+        """One expert's w1, w2 or w3 (this rank's slice; None: an expert another rank holds)."""
         self.missing.discard(f"model.layers.{g}.block_sparse_moe.experts.{e}.{which}.weight")
-        I = self.I
+        if w is None:
+            return
+        if self.tp is not None:
+            e -= self.tp.experts[0]  # index in this rank's stack
+        I = moe.w13.shape[1] // 2  # this rank's rows of each half
         if not moe.quantized:
             dst = moe.w2[e] if which == "w2" else moe.w13[e, :I] if which == "w1" else moe.w13[e, I:]
             dst.copy_(w.to(device=dst.device, dtype=dst.dtype))
@@ -199,7 +235,8 @@ class _Loader:
         if len(parts) == 3:
             del self.staged[(g, e)]
             w13 = torch.cat([parts["w1"], parts["w3"]], 0)[None]
-            q13, s13, q2, s2 = mk.quantize_moe_weights(w13, parts["w2"][None])
+            quantize = mk.quantize_moe_weights if self.tp is None else self.tp.quantize_experts
+            q13, s13, q2, s2 = quantize(w13, parts["w2"][None])
             moe.w13[e].copy_(q13[0])
             moe.w13_scale[e].copy_(s13[0])
             moe.w2[e].copy_(q2[0])
@@ -258,12 +295,12 @@ def load_state_into(model, path: str, strict: bool = True, progress: bool = Fals
                     raise CheckpointError(f"tensor {key!r} in {file} has shape {list(shape)}, "
                                           f"expected {list(want)}")
                 try:
-                    # a stacked expert tensor (transformers' layout) is read expert by expert
-                    tensor = f.get_slice(key) if t[0] == "stacked" else f.get_tensor(key)
-                    loader.load(t, tensor)
+                    # lazy: the loader reads only its slice (a stacked expert tensor, transformers'
+                    # layout, expert by expert)
+                    loader.load(t, stored)
                 except (SafetensorError, OSError) as exc:
                     raise CheckpointError(f"cannot read tensor {key!r} from {file}: {exc}") from exc
-                del tensor
+                del stored
     bar.close()
     if loader.missing:
         miss = sorted(loader.missing, key=_natural)
@@ -275,7 +312,8 @@ def _natural(s: str):
 
 
 def load_pretrained(cls, path: str, dtype=torch.bfloat16, layers=None, device=None, backend=None,
-                    quantize_experts: bool = False, progress: bool = False, strict: bool = True):
+                    quantize_experts: bool = False, progress: bool = False, strict: bool = True,
+                    tensor_parallel_size: int = 1, expert_parallel: bool = False, process_group=None):
     """Build ``cls`` on the meta device, allocate it on ``device`` and fill it tensor by tensor.
 
     ``layers``: GLOBAL layer indices to keep (list/range, ``"a:b"`` or ``(a, b)``, half-open;
@@ -284,6 +322,11 @@ def load_pretrained(cls, path: str, dtype=torch.bfloat16, layers=None, device=No
     router runs in fp32). ``device=None``: ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
     Every tensor of the model is read from the checkpoint (a missing one is an error), so a
     loaded model holds no uninitialized memory.
+
+    ``tensor_parallel_size=W`` (inside an initialized process group of W ranks): the model is
+    built sharded (``mm1_model.parallel``) and each rank reads only its slices of each tensor
+    (safetensors slicing of the memory-mapped shards), never another rank's; int8 experts get
+    the unsharded model's scales.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -302,7 +345,8 @@ def load_pretrained(cls, path: str, dtype=torch.bfloat16, layers=None, device=No
                                   f"(it holds {config.layer_ids if config.layers else 'all'})")
         config.layers = wanted
     with torch.device("meta"):
-        model = cls(config, backend=backend)
+        model = cls(config, backend=backend, tensor_parallel_size=tensor_parallel_size,
+                    expert_parallel=expert_parallel, process_group=process_group)
     model.to(dtype)  # slopes, RoPE frequencies and the router stay fp32
     if quantize_experts:
         for layer in model.model.layers:
@@ -346,6 +390,9 @@ def checkpoint_tensors(model) -> Iterator[Tuple[str, torch.Tensor]]:
 
 def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, progress: bool = False) -> None:
     """Write ``config.json``, shards ``model-0000i-of-0000n.safetensors`` and the index."""
+    if getattr(model, "tp", None) is not None:
+        raise NotImplementedError("save_pretrained: this model is tensor-parallel (each rank holds slices); "
+                                  "save from a tensor_parallel_size=1 model")
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     d = cfg.to_json_dict()

@@ -20,9 +20,10 @@ M1_TEMPERATURE, M1_TOP_P = 1.0, 0.95
 def select_next(model, hidden: torch.Tensor, temperature: float, top_p: float, top_k: int,
                 generator: Optional[torch.Generator]):
     """Next token and its logprob for each row of ``hidden [N, hidden]`` (after the final norm)."""
-    tokens, logprobs = mk.head_sample(hidden, model.lm_head.weight, temperature=temperature, top_p=top_p,
-                                      top_k=top_k, generator=generator,
-                                      backend=op_backend("head_sample", model.backend))
+    head = getattr(model, "head_ops", mk)  # the vocabulary-parallel head under tensor parallelism
+    tokens, logprobs = head.head_sample(hidden, model.lm_head.weight, temperature=temperature, top_p=top_p,
+                                        top_k=top_k, generator=generator,
+                                        backend=op_backend("head_sample", model.backend))
     return tokens.long(), logprobs
 
 

@@ -1,10 +1,12 @@
 """MiniMax-M1 in PyTorch, exactly as docs/m1_math.md §2-§6, with every hot op from mm1_kernels.
 
 Three ways through the same layers:
-- ``forward(input_ids)``: a batch of equal-length sequences, no cache (training-style);
+- ``forward(input_ids)``: a batch of equal-length sequences, no cache (training: differentiable
+  w.r.t. every parameter, optionally with per-layer gradient checkpointing);
 - ``prefill(prompts, cache)``: prompts of different lengths packed into one row (varlen
   ``cu_seqlens``), lightning states and softmax keys/values written to cache slots;
 - ``decode(tokens, cache)``: one token per slot, ``lightning_decode`` on the slot states.
+Prefill and decode (hence ``generate``) run under ``torch.no_grad``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import mm1_kernels as mk
 from mm1_kernels import nvtx_range
@@ -86,6 +89,8 @@ class LightningAttention(nn.Module):
         H, D = config.num_attention_heads, config.head_dim
         self.layer_idx, self.num_heads, self.head_dim = layer_idx, H, D
         self.num_layers = config.num_hidden_layers
+        # Tensor parallel: this rank's heads are [head_offset, head_offset + num_heads) of H.
+        self.total_heads, self.head_offset = H, 0
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * H * D, bias=False)
         self.output_gate = nn.Linear(config.hidden_size, H * D, bias=False)
         self.out_proj = nn.Linear(H * D, config.hidden_size, bias=False)
@@ -103,7 +108,8 @@ class LightningAttention(nn.Module):
 
     def reset_buffers(self):
         if self.slopes.device.type != "meta":
-            self.slopes.copy_(mk.lightning_slopes(self.num_heads, self.layer_idx, self.num_layers))
+            slopes = mk.lightning_slopes(self.total_heads, self.layer_idx, self.num_layers)
+            self.slopes.copy_(slopes[self.head_offset:self.head_offset + self.num_heads])
 
     def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
         B, T, _ = x.shape
@@ -214,6 +220,9 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, Hd, I))
         self.register_buffer("w13_scale", None)
         self.register_buffer("w2_scale", None)
+        # Tensor/expert parallel (model/parallel.py): the group, and the global -> local expert map.
+        self.tp = None
+        self.register_buffer("expert_map", None, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # The router runs in fp32 (M1 may store it in fp32): a dtype cast leaves it fp32 and
@@ -247,7 +256,8 @@ class SparseMoE(nn.Module):
     def quantize_(self):
         if self.quantized:
             return
-        w13_q, s13, w2_q, s2 = mk.quantize_moe_weights(self.w13.data, self.w2.data)
+        quantize = mk.quantize_moe_weights if self.tp is None else self.tp.quantize_experts
+        w13_q, s13, w2_q, s2 = quantize(self.w13.data, self.w2.data)
         self.w13 = nn.Parameter(w13_q, requires_grad=False)
         self.w2 = nn.Parameter(w2_q, requires_grad=False)
         self.w13_scale, self.w2_scale = s13, s2
@@ -277,11 +287,16 @@ class SparseMoE(nn.Module):
         logits = F.linear(y2.float(), self.gate.weight.float())          # router in fp32 (weight kept fp32)
         topk_w, topk_ids = mk.moe_route(logits, top_k=self.top_k, renormalize=True,
                                         backend=step.backend_for("moe_route"))
+        x = y2
+        if self.tp is not None:  # this rank's experts (or expert slices): gradients are summed
+            x, topk_w = self.tp.copy_in(y2, "moe_in"), self.tp.copy_in(topk_w, "moe_weights")
         # The ids come from moe_route, so they are in range: skip the host-side check (a GPU
         # sync per layer).
-        out = mk.fused_moe(y2, self.w13, self.w2, topk_w, topk_ids, w13_scale=self.w13_scale,
+        out = mk.fused_moe(x, self.w13, self.w2, topk_w, topk_ids, w13_scale=self.w13_scale,
                            w2_scale=self.w2_scale, backend=step.backend_for("fused_moe"),
-                           check_ids=False)
+                           check_ids=False, expert_map=self.expert_map)
+        if self.tp is not None:  # partial sums of every rank's experts
+            out = self.tp.reduce(out, "moe")
         return out.view(shape)
 
 
@@ -324,11 +339,19 @@ class MiniMaxM1Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in config.layer_ids)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False  # see MiniMaxM1ForCausalLM.gradient_checkpointing_enable
+        self.checkpoint_kwargs: dict = {}
 
     def forward(self, input_ids: torch.Tensor, step: StepInfo) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        # Only the cache-free pass: prefill/decode write the cache, so recomputing them would
+        # write it twice (and they run under no_grad anyway).
+        recompute = self.gradient_checkpointing and step.mode == "full" and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, step)
+            if recompute:
+                h = activation_checkpoint(layer, h, step, **self.checkpoint_kwargs)
+            else:
+                h = layer(h, step)
         return self.norm(h)
 
 
@@ -355,17 +378,28 @@ class MiniMaxM1ForCausalLM(nn.Module):
     builds on meta and fills every tensor from the files).
     """
 
-    def __init__(self, config: MiniMaxM1Config, backend: Optional[str] = None):
+    def __init__(self, config: MiniMaxM1Config, backend: Optional[str] = None,
+                 tensor_parallel_size: int = 1, expert_parallel: bool = False, process_group=None):
         super().__init__()
         if not isinstance(config, MiniMaxM1Config):
             raise TypeError(f"config must be a MiniMaxM1Config, got {type(config).__name__}")
         config.validate()  # fields may have changed since the config was made
         self.config = config
         self.backend = backend
+        # Tensor/expert parallel (model/parallel.py) inside an initialized process group; size 1
+        # is the unsharded model.
+        tp = None
+        if as_int(tensor_parallel_size, "tensor_parallel_size") != 1:
+            from .parallel import TensorParallel
+            tp = TensorParallel.from_process_group(config, tensor_parallel_size, process_group, expert_parallel)
+        self.tp = None
         self.model = MiniMaxM1Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if not self.lm_head.weight.is_meta:
             self.init_weights_(seed=0)
+        if tp is not None:  # this rank keeps its slices of the full model (of its init, off meta)
+            from .parallel import shard_model_
+            shard_model_(self, tp)
 
     @property
     def backend(self) -> Optional[str]:
@@ -379,14 +413,20 @@ class MiniMaxM1ForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, layers=None,
                         device=None, backend: Optional[str] = None, quantize_experts: bool = False,
-                        progress: bool = False) -> MiniMaxM1ForCausalLM:
+                        progress: bool = False, tensor_parallel_size: int = 1, expert_parallel: bool = False,
+                        process_group=None) -> MiniMaxM1ForCausalLM:
         """Load M1's checkpoint format (see ``checkpoint.load_pretrained``).
 
         ``device=None``: ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+        ``tensor_parallel_size=W`` (inside an initialized process group of W ranks, default the
+        default group): each rank reads and holds only its slices (see ``mm1_model.parallel``);
+        ``expert_parallel=True`` places whole experts on ranks instead of slicing each one.
         """
         from .checkpoint import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, layers=layers, device=device, backend=backend,
-                               quantize_experts=quantize_experts, progress=progress)
+                               quantize_experts=quantize_experts, progress=progress,
+                               tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel,
+                               process_group=process_group)
 
     def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30, progress: bool = False) -> None:
         from .checkpoint import save_pretrained
@@ -397,6 +437,9 @@ class MiniMaxM1ForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (LightningAttention, SoftmaxAttention)):
                 m.reset_buffers()
+        if self.tp is not None:
+            from .parallel import reset_buffers_
+            reset_buffers_(self)
         return self
 
     @torch.no_grad()
@@ -455,20 +498,65 @@ class MiniMaxM1ForCausalLM(nn.Module):
 
     def new_cache(self, num_slots: int, max_len: int) -> MiniMaxM1Cache:
         """A cache of ``num_slots`` sequences of up to ``max_len`` tokens each, on the model's device."""
-        return MiniMaxM1Cache(self.config, num_slots, max_len, device=self.device, dtype=self.dtype)
+        return MiniMaxM1Cache(self.config, num_slots, max_len, device=self.device, dtype=self.dtype,
+                              **self._cache_heads())
+
+    def _cache_heads(self) -> dict:
+        """The heads this rank's cache holds (all of them without tensor parallelism)."""
+        if self.tp is None:
+            return {}
+        (h0, h1), (k0, k1) = self.tp.heads, self.tp.kv_heads
+        return {"num_heads": h1 - h0, "num_kv_heads": k1 - k0}
+
+    # ---------------------------------------------------------------- training
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None):
+        """Recompute each decoder layer in the backward instead of keeping its activations
+        (transformers' API): only the layer inputs ``[B, T, hidden]`` are kept, and the forward
+        runs twice. Gradients are identical (every op is deterministic).
+
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (default
+        ``use_reentrant=False``, which needs no input that requires grad). Applies to the
+        cache-free ``forward`` (hence :meth:`logprobs` and losses built on it) whenever autograd
+        records it, in train or eval mode alike (M1 has no dropout); prefill/decode never.
+        """
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs.setdefault("use_reentrant", False)
+        self.model.checkpoint_kwargs = kwargs
+        self.model.gradient_checkpointing = True
+        return self
+
+    def gradient_checkpointing_disable(self):
+        self.model.gradient_checkpointing = False
+        return self
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
 
     # ---------------------------------------------------------------- head
+    @property
+    def head_ops(self):
+        """The FP32 head's ops (``head_logits``, ``head_logprobs``, ``head_sample``): mm1_kernels',
+        or with tensor parallelism their vocabulary-parallel versions (``mm1_model.parallel``)."""
+        return mk if self.tp is None else self.tp
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:  # every rank's vocabulary shard, all-gathered
+            return self.tp.head_logits(hidden, self.lm_head.weight, backend=op_backend("head_logits", self.backend))
         return fp32_logits(hidden, self.lm_head.weight, op_backend("head_logits", self.backend))
 
     def logprobs(self, input_ids: torch.Tensor, temperature: float = 1.0):
-        """Per-token logprobs of ``input_ids[:, 1:]`` through mk.head_logprobs (no [T, V] tensor)."""
+        """Per-token logprobs of ``input_ids[:, 1:]`` through mk.head_logprobs (no [T, V] tensor);
+        differentiable, like :meth:`forward`."""
         input_ids = self._ids(input_ids, "input_ids", ndim=2)
         hidden = self(input_ids, return_logits=False, check_ids=False).hidden_states
         B, T, Hd = hidden.shape
         targets = torch.cat([input_ids[:, 1:], input_ids.new_full((B, 1), -100)], 1).reshape(-1)
-        out = mk.head_logprobs(hidden.reshape(-1, Hd), self.lm_head.weight, targets,
-                               temperature=temperature, backend=op_backend("head_logprobs", self.backend))
+        out = self.head_ops.head_logprobs(hidden.reshape(-1, Hd), self.lm_head.weight, targets,
+                                          temperature=temperature,
+                                          backend=op_backend("head_logprobs", self.backend))
         return out.logprobs.view(B, T)[:, :-1]
 
     # ---------------------------------------------------------------- forward passes
@@ -479,11 +567,14 @@ class MiniMaxM1ForCausalLM(nn.Module):
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, MiniMaxM1Cache):
             raise TypeError(f"cache must be a MiniMaxM1Cache (model.new_cache), got {type(cache).__name__}")
-        cache.check_fits(self.config, self.device)
+        cache.check_fits(self.config, self.device, **self._cache_heads())
 
     def forward(self, input_ids: torch.Tensor, return_logits: bool = True,
                 check_ids: bool = True) -> CausalLMOutput:
         """Equal-length batch ``[B, T]`` of int token ids, no cache; logits fp32 ``[B, T, V]``.
+
+        The training path: logits and hidden states are differentiable w.r.t. every parameter
+        (int8 experts excepted: frozen), on every backend; see :meth:`gradient_checkpointing_enable`.
 
         Ids must be in ``[0, vocab_size)``; checking reads two numbers back from the device (one
         sync per call); ``check_ids=False`` skips that when the caller guarantees the range.

@@ -55,6 +55,11 @@ def test_probe_tiny_end_to_end_on_cpu(tmp_path):
         assert (op, "triton") in seen, op
     assert {c["what"] for c in checks if c["op"] == "head_logprobs"} >= {"logprobs", "d weight"}
     assert any("varlen" in c["case"] for c in checks) and any("int8" in c["case"] for c in checks)
+    # training gradients (issue 12): every input's gradient of both trainable ops, on Triton
+    grads = {(c["op"], c["what"]) for c in checks if c["case"].startswith("backward") and c["backend"] == "triton"}
+    assert grads >= {("lightning_attention", w) for w in ("dq", "dk", "dv", "dinit")} | \
+        {("fused_moe", w) for w in ("dx", "dw13", "dw2", "dtopk_weights")}, grads
+    assert {r["kind"] for r in s["cases"] if r["op"] in ("lightning", "moe")} >= {"fwd_bwd"}
 
     # the environment and the timings, in python -m bench's results schema
     for key in ("device_name", "torch", "triton", "cuda", "git_commit"):

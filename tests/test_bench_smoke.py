@@ -80,3 +80,29 @@ def test_model_generate_cost_runs_the_head_once_per_row():
     head_flops = 2 * d["V"] * d["hidden"]
     assert gen.flops == full.flops - (B * T - B) * head_flops
     assert gen.bytes == full.bytes - B * T * d["V"] * 4 + B * 12
+
+
+def test_moe_backward_bench_on_cpu(tmp_path):
+    """``python -m bench moe --backward``: forward+backward rows, FLOPs and bytes counted."""
+    _run("-m", "bench", "moe", "--backward", "--no-peers", "--no-progress", "--out", str(tmp_path))
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert run["settings"]["backward"] is True
+    rows = [c for c in run["cases"] if c["op"] == "moe"]
+    assert rows and all(c["kind"] == "fwd_bwd" for c in rows)
+    ok = [c for c in rows if c["status"] == "ok"]
+    assert any(c["impl"] == "torch" for c in ok)
+    assert all(c["flops"] > 0 and c["bytes"] > 0 and c["median_ms"] > 0 for c in ok)
+
+
+def test_lightning_backward_bench_on_cpu(tmp_path):
+    """``python -m bench lightning --backward``: forward+backward rows, FLOPs and bytes counted;
+    the fla peer is timed or skipped with a reason, never a crash."""
+    _run("-m", "bench", "lightning", "--backward", "--no-progress", "--out", str(tmp_path))
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert run["settings"]["backward"] is True
+    rows = [c for c in run["cases"] if c["op"] == "lightning"]
+    assert rows and all(c["kind"] == "fwd_bwd" for c in rows)
+    ok = [c for c in rows if c["status"] == "ok"]
+    assert any(c["impl"] == "torch" for c in ok)
+    assert all(c["flops"] > 0 and c["bytes"] > 0 and c["median_ms"] > 0 for c in ok)
+    assert any(c["impl"] == "fla chunk_simple_gla" and c["status"] in ("ok", "skipped") for c in rows)

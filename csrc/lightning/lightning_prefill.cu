@@ -18,7 +18,9 @@
 //
 // Precision: every tile is staged in shared memory as fp32. 16-bit inputs are exact in TF32,
 // so Q K^T is exact products with fp32 accumulation; the products with an fp32 operand
-// (P V, Q S, decayed K^T V) round that operand to TF32, as the Triton kernel does. For fp32
+// (P V, Q S, decayed K^T V) round that operand to TF32, as the Triton kernel does for fp16 (its
+// bf16 path rounds to bf16, or keeps a bf16 hi+lo pair, and always a pair for the state update:
+// mm1_kernels/lightning/triton_prefill.py; issue 16 ports that scheme here). For fp32
 // inputs every product uses the 3xTF32 split (hi·hi + hi·lo + lo·hi), about fp32 accuracy;
 // TF32 alone would miss the 1e-5 contract. Decay powers λ^e (0 ≤ e ≤ 64) are computed once per
 // CTA in double and rounded to fp32; no exponent is ever negative. All offsets into q/k/v/o and

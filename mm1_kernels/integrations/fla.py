@@ -46,17 +46,18 @@ def chunk_simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optio
         cu_seqlens_cpu: fla's host copy; accepted and unused.
 
     Returns ``(o, final_state)``: o shaped like v in q's layout and dtype; final_state fp32
-    ``[N, H, K, V]`` (``[N, H, V, K]`` with ``state_v_first``) or None. No backward yet: inputs
-    that require grad raise NotImplementedError.
+    ``[N, H, K, V]`` (``[N, H, V, K]`` with ``state_v_first``) or None. Differentiable w.r.t.
+    q, k, v and initial_state (through mm1_kernels.lightning_attention's backward); a g_gamma that
+    requires grad raises NotImplementedError.
     """
     if g is not None:
         raise NotImplementedError("g (per-token data-dependent gates) is not supported by mm1_kernels' "
                                   "chunk_simple_gla: M1's decay is constant per head; pass g_gamma")
     if kwargs:
         raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-    if any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
-        raise NotImplementedError("mm1_kernels' chunk_simple_gla has no backward yet; call it under "
-                                  "torch.no_grad() or with inputs that do not require grad")
+    if g_gamma is not None and g_gamma.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("mm1_kernels' chunk_simple_gla has no gradient for g_gamma (M1's decays are "
+                                  "constants): pass g_gamma.detach()")
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D ([B, T, H, K] or, head_first, [B, H, T, K]), got {list(q.shape)}")
     if head_first:

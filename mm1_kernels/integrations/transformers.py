@@ -156,11 +156,13 @@ def _lightning_forward(self, hidden_states: torch.Tensor, position_embeddings=No
     qkv = self.act_fn(self.qkv_proj(hidden_states))
     if attention_mask is not None:  # 2D padding mask (create_recurrent_attention_mask): zero pads
         qkv = (qkv * attention_mask[:, :, None]).to(qkv.dtype)
-    _refuse_training(self, "lightning attention", ("lightning_attention", "lightning_decode"), (qkv,))
+    _refuse_training(self, "lightning attention", ("lightning_attention",), (qkv,))
     q, k, v = torch.split(qkv.reshape(B, T, H, 3 * D), D, dim=3)  # [B, T, H, D] views, unit last stride
     slopes = _slopes(self, q.device)
     state = _fp32_state(past_key_values, self.layer_idx)
-    if state is not None and T == 1:
+    if state is not None and T == 1 and not (torch.is_grad_enabled() and qkv.requires_grad):
+        # lightning_decode updates the state in place and has no backward; a token that needs
+        # gradients takes the differentiable prefill from the cached state instead.
         o = mk.lightning_decode(q, k, v, slopes, state)  # row b = slot b; state updated in place
     else:
         o, state = mk.lightning_attention(q, k, v, slopes, initial_state=state, output_final_state=True)

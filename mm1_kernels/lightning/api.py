@@ -12,11 +12,23 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slopes, check_slot_ids, check_tensor
-from .._dispatch import register_op, resolve_backend
+from .._dispatch import INTERPRET_AT_IMPORT, TRITON_IMPORT_ERROR, register_op, resolve_backend
 from .._nvtx import annotate
 from . import reference
 
 MAX_HEAD_DIM = 256
+# How the Triton prefill feeds bf16 inputs to the tensor cores (triton_prefill's docstring):
+# "default" rounds the fp32 state and decayed scores to bf16 for their products (one bf16
+# matmul each, within 2× the naive bf16 error); "high" splits them into a bf16 hi + lo pair
+# (~16 significant bits, two matmuls each). The state update is a pair in both (fp32 state).
+# fp32 and fp16 inputs, and the other backends, are unaffected.
+PRECISIONS = ("default", "high")
+
+
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
 # Automatic choice on a GPU: Triton before the CUDA kernels until a GPU run has verified and
 # timed the CUDA path (so far it is compile-checked and verified in host emulation only);
 # backend="cuda" selects it explicitly.
@@ -29,10 +41,13 @@ register_op("lightning_decode", backends=("torch", "triton", "cuda"),
 @torch.library.custom_op("mm1::lightning_attention", mutates_args=())
 def _lightning_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                             initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                            output_final_state: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                            output_final_state: bool, backend: str,
+                            precision: str = "default") -> Tuple[torch.Tensor, torch.Tensor]:
+    check_precision(precision)
     if backend == "triton":
         from .triton_prefill import lightning_prefill_triton
-        o, final = lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state)
+        o, final = lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state,
+                                            precision=precision)
     elif backend == "cuda":
         o, final = torch.ops.mm1.lightning_prefill_cuda(q, k, v, slopes, initial_state, cu_seqlens,
                                                         output_final_state)
@@ -54,19 +69,88 @@ def prefill_fake_outputs(q, v, cu_seqlens, output_final_state):
 
 
 @_lightning_attention_op.register_fake
-def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend):
+def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend, precision="default"):
     return prefill_fake_outputs(q, v, cu_seqlens, output_final_state)
+
+
+@torch.library.custom_op("mm1::lightning_attention_backward", mutates_args=())
+def _lightning_attention_backward_op(do: torch.Tensor, dfinal: Optional[torch.Tensor], q: torch.Tensor,
+                                     k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                                     initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                                     need_dinit: bool, backend: str, precision: str
+                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dinit) of ``mm1::lightning_attention`` (docs/m1_math.md §3.5); ``dfinal`` is
+    None when no gradient reaches the final states; ``dinit`` is an empty [0] tensor unless
+    ``need_dinit``. States are recomputed, nothing but the inputs is saved by the forward.
+    ``precision`` is the forward's (Triton, bf16 inputs)."""
+    if backend in ("triton", "cuda") and _triton_backward_runs(q):
+        # The CUDA extension has no backward kernel: its backend trains on the Triton one.
+        from .triton_backward import lightning_backward_triton
+        dq, dk, dv, dinit = lightning_backward_triton(do, dfinal, q, k, v, slopes, initial_state, cu_seqlens,
+                                                      need_dinit, precision=precision)
+    else:
+        dq, dk, dv, dinit = reference.lightning_chunked_backward(do, dfinal, q, k, v, slopes, initial_state,
+                                                                 cu_seqlens, need_dinit=need_dinit)
+    return dq, dk, dv, (dinit if need_dinit else q.new_empty(0, dtype=torch.float32))
+
+
+def _triton_backward_runs(q: torch.Tensor) -> bool:
+    """Whether the Triton backward can take ``q``'s device (a GPU, or the CPU interpreter)."""
+    return TRITON_IMPORT_ERROR is None and (q.is_cuda or (q.device.type == "cpu" and INTERPRET_AT_IMPORT))
+
+
+@_lightning_attention_backward_op.register_fake
+def _(do, dfinal, q, k, v, slopes, initial_state, cu_seqlens, need_dinit, backend, precision):
+    dinit = (q.new_empty(initial_state.shape, dtype=torch.float32) if need_dinit and initial_state is not None
+             else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dinit
+
+
+# The forward's inputs, in schema order. Every input gets a gradient slot (None for all but q, k,
+# v and initial_state), so arguments appended to the schema later need no change here.
+_FWD_INPUTS = ("q", "k", "v", "slopes", "initial_state", "cu_seqlens", "output_final_state", "backend",
+               "precision")
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_INPUTS, inputs))
+    ctx.save_for_backward(args["q"], args["k"], args["v"], args["slopes"], args["initial_state"],
+                          args["cu_seqlens"])
+    ctx.num_inputs = len(inputs)
+    ctx.output_final_state = args["output_final_state"]
+    ctx.backend = args["backend"]
+    ctx.precision = args.get("precision", "default")
+
+
+def _backward(ctx, do, dfinal):
+    q, k, v, slopes, initial_state, cu_seqlens = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dinit = initial_state is not None and bool(need[4])
+    if do is None:
+        do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    if not ctx.output_final_state:
+        dfinal = None  # the [0] placeholder output carries nothing
+    dq, dk, dv, dinit = torch.ops.mm1.lightning_attention_backward(
+        do.contiguous(), None if dfinal is None else dfinal.float().contiguous(), q, k, v, slopes,
+        initial_state, cu_seqlens, need_dinit, ctx.backend, ctx.precision)
+    grads = (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None,
+             dinit if need_dinit else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
+
+
+torch.library.register_autograd("mm1::lightning_attention", _backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("mm1::lightning_attention_cached", mutates_args=("state_cache",))
 def _lightning_attention_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                                    state_cache: torch.Tensor, slot_ids: torch.Tensor,
                                    cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
-                                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                                   backend: str, precision: str = "default") -> Tuple[torch.Tensor, torch.Tensor]:
+    check_precision(precision)
     if backend == "triton":  # in place: the kernels index the cache through slot_ids
         from .triton_prefill import lightning_prefill_triton
         o, final = lightning_prefill_triton(q, k, v, slopes, None, cu_seqlens, output_final_state,
-                                            state_cache=state_cache, slot_ids=slot_ids)
+                                            state_cache=state_cache, slot_ids=slot_ids, precision=precision)
     else:  # gather -> prefill -> scatter (no host sync); the CUDA kernels have no slot indexing yet
         prefill = None
         if backend == "cuda":
@@ -80,7 +164,7 @@ def _lightning_attention_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 @_lightning_attention_cached_op.register_fake
-def _(q, k, v, slopes, state_cache, slot_ids, cu_seqlens, output_final_state, backend):
+def _(q, k, v, slopes, state_cache, slot_ids, cu_seqlens, output_final_state, backend, precision="default"):
     return prefill_fake_outputs(q, v, cu_seqlens, output_final_state)
 
 
@@ -113,6 +197,20 @@ def _(q, k, v, slopes, state_cache, slot_ids, return_states, backend):
     return o, states
 
 
+def _check_no_grad(what, **tensors):
+    """The in-place cache paths are inference-only: refuse inputs that need a gradient, rather
+    than return outputs that silently carry none."""
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, t in tensors.items() if t.requires_grad]
+    if needing:
+        raise RuntimeError(
+            f"{what} updates the state cache in place and is not differentiable, but "
+            f"{', '.join(needing)} require grad: run it under torch.no_grad() / torch.inference_mode(), "
+            f"or train with lightning_attention(..., initial_state=..., output_final_state=True), "
+            f"which is differentiable")
+
+
 def _check_qkv_slopes(q, k, v, slopes, ndim):
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=ndim, last_dim_contiguous=True)
     device = q.device
@@ -133,7 +231,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                         cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
                         state_cache: Optional[torch.Tensor] = None, slot_ids: Optional[torch.Tensor] = None,
-                        check_ids: bool = True):
+                        check_ids: bool = True, precision: str = "default"):
     """Chunked lightning attention (prefill): ``o_t = q_t S_t``, ``S_t = exp(-s) S_{t-1} + k_t^T v_t``.
 
     Args:
@@ -159,10 +257,29 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
             that build these tensors afresh every call and vouch for them (serving loops); the
             kernels then never read or write out of bounds (an out-of-range slot gives NaN
             outputs and leaves the cache untouched), but repeated slots are not detected.
+        precision: ``"default"`` or ``"high"`` (ValueError otherwise): how the Triton kernel
+            multiplies bf16 inputs with its fp32 state and decayed scores when computing o.
+            ``"default"`` rounds them to bf16 for those products, the accuracy of a plain bf16
+            tensor-core kernel (tested ≤ 2× that naive error against fp64; at H=2, D=128, T=257
+            1.72e-3 relative error vs 1.66e-3 for ``"high"``, since storing o in bf16
+            dominates), with 4/3 of the counted tensor-core work. ``"high"`` splits each into a
+            bf16 pair hi + lo (~16 significant bits) at 11/6 of it. In both, the state update
+            keeps ~16 bits (the returned states meet the fp32 contract, 1e-5). fp32 inputs
+            always multiply in full fp32 and fp16 inputs in TF32 (exact for fp16, no fp16
+            overflow of the state), whatever ``precision`` says; the torch backend (an fp64/fp32
+            reference) and the CUDA backend (TF32 tensor cores) ignore it.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, Dv]`` in q's dtype; final_state fp32 ``[N, H, D, Dv]``
         or None when not requested (with ``state_cache``: the states also written to the slots).
+
+    Differentiable (without ``state_cache``) w.r.t. q, k, v and ``initial_state``, including
+    gradients through ``final_state`` (docs/m1_math.md §3.5): the torch backend differentiates
+    the fp32 chunked reference, the Triton and CUDA backends run the Triton backward
+    (``triton_backward.py``; it recomputes the states, the forward saves only its inputs).
+    ``slopes`` are constants (RuntimeError if they require grad). With ``state_cache`` the op
+    updates the cache in place and is inference-only: inputs requiring grad in grad mode raise
+    RuntimeError.
 
     The state and all accumulation are fp32. The Triton kernel's docstring says how one
     1,048,576-token sequence runs in one call with bounded scratch. With ``state_cache`` the
@@ -173,6 +290,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     slot then leaves the cache untouched and gives NaN outputs on Triton).
     """
     H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
+    check_precision(precision)
     B, T = q.shape[:2]
     device = q.device
     if cu_seqlens is not None:
@@ -189,15 +307,20 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                      device=device, contiguous=True)
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        # The backward treats the decays as constants: a gradient would silently be missing.
+        raise RuntimeError("slopes require grad, but lightning_attention has no gradient for them (the "
+                           "decays are constants): pass slopes.detach()")
     if state_cache is None:
         if slot_ids is not None:
             raise ValueError("slot_ids needs state_cache (the slot-indexed state cache it indexes)")
         chosen = resolve_backend("lightning_attention", backend, device)
         o, final = torch.ops.mm1.lightning_attention(q, k, v, slopes, initial_state, cu_seqlens,
-                                                     output_final_state, chosen)
+                                                     output_final_state, chosen, precision)
         return o, (final if output_final_state else None)
     check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
                  device=device, contiguous=True)
+    _check_no_grad("lightning_attention with state_cache", q=q, k=k, v=v, state_cache=state_cache)
     if slot_ids is None:
         if n > state_cache.shape[0]:
             raise ValueError(f"without slot_ids, sequence n uses slot n: {n} sequences > "
@@ -207,7 +330,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
         check_slot_ids(slot_ids, n, state_cache.shape[0], device, values=check_ids)
     chosen = resolve_backend("lightning_attention", backend, device)
     o, final = torch.ops.mm1.lightning_attention_cached(q, k, v, slopes, state_cache, slot_ids, cu_seqlens,
-                                                        output_final_state, chosen)
+                                                        output_final_state, chosen, precision)
     return o, (final if output_final_state else None)
 
 
@@ -261,6 +384,7 @@ def lightning_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
     device = q.device
     check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
                  device=device, contiguous=True)
+    _check_no_grad("lightning_decode", q=q, k=k, v=v, state_cache=state_cache)
     if slot_ids is not None:
         check_slot_ids(slot_ids, B, state_cache.shape[0], device, values=check_ids)
     elif B > state_cache.shape[0]:

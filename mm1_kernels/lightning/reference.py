@@ -146,6 +146,70 @@ def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
     return o, final
 
 
+def lightning_chunked_backward(do, dfinal, q, k, v, slopes, initial_state=None, cu_seqlens=None,
+                               chunk_size: int = 64, dtype: torch.dtype = torch.float32,
+                               need_dinit: bool = True, operand_dtype: torch.dtype | None = None):
+    """Gradients of :func:`lightning_chunked` (docs/m1_math.md §3.5), computed in ``dtype``.
+
+    ``do [B, T, H, Dv]``: gradient of o; ``dfinal`` (fp32 ``[N, H, D, Dv]`` or None): gradient of
+    the final states. Returns ``(dq, dk, dv, dinit)``: dq/dk/dv in the input dtypes, ``dinit``
+    fp32 ``[N, H, D, Dv]`` (None unless ``need_dinit``). With ``dH`` the gradient of the state
+    after a block coming from later tokens (``dfinal`` after a sequence's last block), for a
+    block of m tokens starting at c, j in 0..m-1, ``M[j, i] = λ^(j-i)`` for i ≤ j, else 0::
+
+        dq[c+j] = λ^(j+1) do_j S_in^T + Σ_{i≤j} λ^(j-i) (do_j·v_i) k_i     (S_in recomputed)
+        dk[c+j] = λ^(m-1-j) v_j dH^T + Σ_{i≥j} λ^(i-j) (do_i·v_j) q_i
+        dv[c+j] = λ^(m-1-j) k_j dH   + Σ_{i≥j} λ^(i-j) (q_i·k_j) do_i
+        dH_in   = λ^m dH + Σ_i λ^(i+1) q_i^T do_i                         (to the block before)
+
+    and ``dinit`` is the ``dH_in`` of a sequence's first block. Only non-negative powers of λ.
+
+    ``operand_dtype`` (tests only) rounds every matmul operand computed in ``dtype`` (states,
+    decayed scores and rows) to that dtype first, as a plain 16-bit tensor-core backward would:
+    the naive yardstick of the numerics contract.
+    """
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    s = slopes.to(device=q.device, dtype=dtype)
+    seqs = _sequences(T, B, cu_seqlens)
+    dq = torch.zeros(B, T, H, D, dtype=dtype, device=q.device)
+    dk = torch.zeros(B, T, H, D, dtype=dtype, device=q.device)
+    dv = torch.zeros(B, T, H, Dv, dtype=dtype, device=q.device)
+    dinit = torch.empty(len(seqs), H, D, Dv, dtype=torch.float32, device=q.device) if need_dinit else None
+    pos = torch.arange(chunk_size, device=q.device, dtype=dtype)
+    diff = pos[:, None] - pos[None, :]                                        # j - i
+    causal = diff >= 0
+    decay = torch.where(causal, torch.exp(-s[:, None, None] * diff.clamp(min=0)), 0.0)  # M [H, C, C]
+    lam = lambda e: torch.exp(-s[:, None, None] * e[None, :, None])          # noqa: E731  λ^e [H, m, 1]
+    r = (lambda x: x) if operand_dtype is None else (lambda x: x.to(operand_dtype).to(dtype))  # noqa: E731
+    blk = lambda x, b, c, m: x[b, c:c + m].to(dtype).transpose(0, 1)         # noqa: E731  [H, m, ·]
+    for n, (b, start, end) in enumerate(seqs):
+        # Forward sweep: dq needs each block's incoming state (recomputed, not stored by the op).
+        S = (initial_state[n].to(dtype) if initial_state is not None
+             else torch.zeros(H, D, Dv, dtype=dtype, device=q.device))
+        for c in range(start, end, chunk_size):
+            m = min(chunk_size, end - c)
+            qc, kc, vc, doc = blk(q, b, c, m), blk(k, b, c, m), blk(v, b, c, m), blk(do, b, c, m)
+            intra = (doc @ vc.transpose(1, 2)) * decay[:, :m, :m]              # [j, i] = λ^(j-i) do_j·v_i
+            dq[b, c:c + m] = ((doc @ r(S).transpose(1, 2)) * lam(pos[:m] + 1) + r(intra) @ kc).transpose(0, 1)
+            S = torch.exp(-s * m)[:, None, None] * S + r(kc * lam(m - 1 - pos[:m])).transpose(1, 2) @ vc
+        # Reverse sweep: dH is the gradient of the state after the current block.
+        dH = (dfinal[n].to(dtype) if dfinal is not None
+              else torch.zeros(H, D, Dv, dtype=dtype, device=q.device))
+        for c in reversed(range(start, end, chunk_size)):
+            m = min(chunk_size, end - c)
+            qc, kc, vc, doc = blk(q, b, c, m), blk(k, b, c, m), blk(v, b, c, m), blk(do, b, c, m)
+            out_decay = lam(m - 1 - pos[:m])
+            sc_dv = ((doc @ vc.transpose(1, 2)) * decay[:, :m, :m]).transpose(1, 2)  # [j, i] = λ^(i-j) do_i·v_j
+            sc_qk = ((qc @ kc.transpose(1, 2)) * decay[:, :m, :m]).transpose(1, 2)   # [j, i] = λ^(i-j) q_i·k_j
+            dk[b, c:c + m] = ((vc @ r(dH).transpose(1, 2)) * out_decay + r(sc_dv) @ qc).transpose(0, 1)
+            dv[b, c:c + m] = ((kc @ r(dH)) * out_decay + r(sc_qk) @ doc).transpose(0, 1)
+            dH = torch.exp(-s * m)[:, None, None] * dH + r(qc * lam(pos[:m] + 1)).transpose(1, 2) @ doc
+        if need_dinit:
+            dinit[n] = dH.float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dinit
+
+
 def lightning_decode_reference(q, k, v, slopes, state_cache, slot_ids=None):
     """One recurrence step in fp32, updating ``state_cache [S, H, D, D]`` in place.
 

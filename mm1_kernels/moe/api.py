@@ -3,6 +3,10 @@
 ``moe_route`` and ``fused_moe`` are registered as ``torch.ops.mm1.*`` custom ops with fake
 implementations, so code calling them compiles with ``torch.compile(fullgraph=True)``; the
 backend is a plain string argument of the op, resolved before the call.
+
+Both are differentiable: ``torch.library.register_autograd`` attaches backwards that are
+themselves custom ops with fakes (``mm1::moe_route_backward``, ``mm1::fused_moe_backward``),
+so torch.compile traces forward and backward as the head's op does.
 """
 from typing import Optional, Tuple
 
@@ -56,6 +60,100 @@ def _(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_m
     return torch.empty_like(x)
 
 
+# ------------------------------------------------------------------------------------ autograd
+
+@torch.library.custom_op("mm1::moe_route_backward", mutates_args=())
+def _moe_route_backward_op(grad_weights: torch.Tensor, router_logits: torch.Tensor,
+                           topk_weights: torch.Tensor, topk_ids: torch.Tensor, renormalize: bool,
+                           backend: str) -> torch.Tensor:
+    """d router_logits. A handful of elementwise ops on [T, E] (E = 32 in M1), the same on every
+    backend: no kernel of its own would pay for its launch."""
+    return reference.moe_route_backward_reference(grad_weights, router_logits, topk_weights,
+                                                  topk_ids, renormalize,
+                                                  torch.float32).to(router_logits.dtype)
+
+
+@_moe_route_backward_op.register_fake
+def _(grad_weights, router_logits, topk_weights, topk_ids, renormalize, backend):
+    return torch.empty_like(router_logits)
+
+
+def _route_setup_context(ctx, inputs, output):
+    router_logits, top_k, renormalize, backend = inputs
+    topk_weights, topk_ids = output
+    ctx.save_for_backward(router_logits, topk_weights, topk_ids)
+    ctx.renormalize = renormalize
+    ctx.backend = backend
+
+
+def _route_backward(ctx, g_weights, g_ids):
+    router_logits, topk_weights, topk_ids = ctx.saved_tensors
+    if g_weights is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    d_logits = torch.ops.mm1.moe_route_backward(g_weights.float().contiguous(), router_logits,
+                                                topk_weights, topk_ids, ctx.renormalize,
+                                                ctx.backend)
+    return d_logits, None, None, None
+
+
+torch.library.register_autograd("mm1::moe_route", _route_backward,
+                                setup_context=_route_setup_context)
+
+
+@torch.library.custom_op("mm1::fused_moe_backward", mutates_args=())
+def _fused_moe_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor,
+                           w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                           w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
+                           backend: str, expert_map: Optional[torch.Tensor],
+                           need_weight_grads: bool
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw13, dw2, dtopk_weights) in the dtypes of x, w13, w2, topk_weights. dw13 and dw2
+    are empty ``[0]`` tensors when not needed (frozen or int8 weights)."""
+    want_w = need_weight_grads and w13.dtype != torch.int8
+    if x.shape[0] == 0:
+        return (torch.zeros_like(x), torch.zeros_like(w13) if want_w else x.new_empty(0),
+                torch.zeros_like(w2) if want_w else x.new_empty(0), torch.zeros_like(topk_weights))
+    if backend == "triton":
+        from .triton_backward import fused_moe_backward_triton
+        dx, dw13, dw2, dtw = fused_moe_backward_triton(
+            grad_out, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map, want_w)
+    else:
+        dx, dw13, dw2, dtw = reference.fused_moe_backward_reference(
+            grad_out, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+            compute_dtype=torch.float32, expert_map=expert_map, need_weight_grads=want_w)
+    return (dx.to(x.dtype), dw13.to(w13.dtype) if want_w else x.new_empty(0),
+            dw2.to(w2.dtype) if want_w else x.new_empty(0), dtw.to(topk_weights.dtype))
+
+
+@_fused_moe_backward_op.register_fake
+def _(grad_out, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map,
+      need_weight_grads):
+    want_w = need_weight_grads and w13.dtype != torch.int8
+    return (torch.empty_like(x), torch.empty_like(w13) if want_w else x.new_empty(0),
+            torch.empty_like(w2) if want_w else x.new_empty(0), torch.empty_like(topk_weights))
+
+
+def _moe_setup_context(ctx, inputs, output):
+    x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map = inputs
+    # Only the inputs are kept: the backward recomputes the routing metadata and the gate/up
+    # pre-activations (see triton_backward for the memory this saves).
+    ctx.save_for_backward(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map)
+    ctx.backend = backend
+
+
+def _moe_backward(ctx, grad_out):
+    x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw13, dw2, dtw = torch.ops.mm1.fused_moe_backward(
+        grad_out.contiguous(), x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+        ctx.backend, expert_map, bool(need[1] or need[2]))
+    return (dx if need[0] else None, dw13 if need[1] else None, dw2 if need[2] else None,
+            dtw if need[3] else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("mm1::fused_moe", _moe_backward, setup_context=_moe_setup_context)
+
+
 @annotate("mm1.moe_route")
 def moe_route(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = True,
               backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +171,13 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = T
         A row with no softmax (a NaN or +inf logit, or every logit -inf) gets ids
         ``0, 1, ..., k-1`` and NaN weights on every backend: ids always stay in ``[0, E)``,
         and the NaN reaches the MoE output rather than hiding behind a finite weight.
+
+    Differentiable w.r.t. ``router_logits`` through ``topk_weights`` (the ids are integers),
+    with the chosen experts held fixed, ties resolved to the lower expert as above. With
+    ``renormalize`` the weights are a softmax over the k chosen logits only, so the other
+    logits get exactly zero gradient; without it every logit gets one through the full
+    softmax. See ``reference.moe_route_backward_reference``; bf16/fp16 logits get their
+    gradient in their own dtype, computed in fp32.
     """
     check_tensor("router_logits", router_logits, dtypes=FLOAT_DTYPES, ndim=2)
     if isinstance(top_k, bool) or not isinstance(top_k, int):
@@ -186,12 +291,27 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     Not batch invariant in the last bits: the Triton tiles (hence the K accumulation order)
     follow the token-count bucket of ``triton_fused_moe.moe_config``.
 
+    Differentiable w.r.t. ``x``, ``w13``, ``w2`` and ``topk_weights`` (int8 experts: ``x`` and
+    ``topk_weights`` only; the weights are frozen and scales that require grad are an error).
+    The forward saves only its inputs; the backward recomputes the routing metadata and the
+    gate/up pre-activations (``triton_backward`` states the memory this saves). Gradients
+    accumulate in fp32 and come back in each input's dtype; deterministic on both backends.
+    An expert that receives no token gets a zero weight gradient; a slot whose expert the map
+    places on another rank gets a zero ``topk_weights`` gradient and adds nothing to ``x``'s.
+
     The id range check is also skipped during CUDA graph capture and torch.compile; both
     backends then give NaN rows for tokens with an out-of-range id or map value (never an
     out-of-bounds access). The same ids tensor, unmodified, is checked once (as lightning's slot ids are).
     """
     _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, check_ids,
                     expert_map)
+    if w13.dtype == torch.int8 and torch.is_grad_enabled():
+        # (int8 tensors themselves cannot require grad; their fp32 scales can.)
+        for name, scale in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
+            if scale.requires_grad:
+                raise ValueError(f"{name} requires grad, but int8 expert weights are frozen: "
+                                 f"fused_moe differentiates x and topk_weights only; detach "
+                                 f"the scales or train the unquantized weights")
     chosen = resolve_backend("fused_moe", backend, x.device)
     return torch.ops.mm1.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, chosen,
                                    expert_map)

@@ -153,3 +153,126 @@ def moe_block_reference(x: torch.Tensor, router_logits: torch.Tensor, w13: torch
     """The whole block, route then experts, in ``compute_dtype`` (fp64 by default)."""
     w, ids = moe_route_reference(router_logits, top_k, renormalize, compute_dtype)
     return fused_moe_reference(x, w13, w2, w, ids, compute_dtype=compute_dtype)
+
+
+# ------------------------------------------------------------------------------------ backward
+
+def moe_route_backward_reference(grad_weights: torch.Tensor, router_logits: torch.Tensor,
+                                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                                 renormalize: bool = True,
+                                 compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``d loss / d router_logits [T, E]`` from ``grad_weights = d loss / d topk_weights [T, k]``.
+
+    The ids are a piecewise-constant function of the logits (not differentiable); the weights
+    are differentiated with the experts the forward chose held fixed, ties included (the
+    lower expert, as :func:`moe_route_reference`'s stable sort picks it). With ``w`` the
+    forward's weights, ``g`` their gradient and ``c = Σ_j g_j w_j``:
+
+    - renormalized: ``w_j = exp(l_{id_j}) / Σ_m exp(l_{id_m})`` is a softmax over the chosen
+      logits only, so ``dl_{id_j} = w_j (g_j - c)`` and every other logit gets exactly 0;
+    - not renormalized: ``w_j = p_{id_j}`` with ``p = softmax(l)``, so
+      ``dl_e = p_e (g_e - c)``, where ``g_e`` is g scattered to the chosen experts (0 elsewhere).
+
+    The k ids of a row are distinct, so the scatter writes each element once: deterministic.
+    A row with no softmax has NaN weights, hence a NaN gradient where it depends on them.
+    Returns ``[T, E]`` in ``compute_dtype`` (default fp32, fp64 for fp64 inputs).
+    """
+    dtype = compute_dtype or _compute_dtype(router_logits, grad_weights)
+    g = grad_weights.to(dtype)
+    w = topk_weights.to(dtype)
+    ids = topk_ids.to(torch.int64)
+    c = (g * w).sum(dim=-1, keepdim=True)
+    if renormalize:
+        return torch.zeros(router_logits.shape, dtype=dtype,
+                           device=router_logits.device).scatter(1, ids, w * (g - c))
+    p = torch.softmax(router_logits.to(dtype), dim=-1)
+    g_full = torch.zeros_like(p).scatter(1, ids, g)
+    return p * (g_full - c)
+
+
+def fused_moe_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor,
+                                 w2: torch.Tensor, topk_weights: torch.Tensor,
+                                 topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
+                                 w2_scale: Optional[torch.Tensor] = None,
+                                 compute_dtype: Optional[torch.dtype] = None,
+                                 expert_map: Optional[torch.Tensor] = None,
+                                 need_weight_grads: bool = True):
+    """Gradients of :func:`fused_moe_reference`: ``(dx, dw13, dw2, dtopk_weights)``.
+
+    Per (token t, slot j) entry with local expert e, ``a = x[t]``, ``g = W1 a``, ``u = W3 a``,
+    ``h = silu(g)·u``, ``o = W2 h``, routing weight ``w`` and ``dy = grad_out[t]``::
+
+        d w      = <o, dy>
+        dh       = w · W2ᵀ dy
+        dg       = dh · u · silu'(g),  silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+        du       = dh · silu(g)
+        dx[t]   += W1ᵀ dg + W3ᵀ du
+        dW13[e] += [dg; du] aᵀ          dW2[e] += (w·dy) hᵀ
+
+    Slots whose expert the map places on another rank contribute nothing (zero gradient for
+    their weight); an invalid id or map value gives NaN in that token's dx row and weight
+    gradient, as the forward gives a NaN output row. int8 experts are frozen: dw13/dw2 are
+    None (the weights are dequantized for dx). Without ``need_weight_grads`` they are None too.
+
+    Like the forward, each entry is computed once and a token's k slots are summed in slot
+    order, and per-expert weight gradients are one matmul each: deterministic, no index_add.
+    Returns tensors in ``compute_dtype`` (default fp32; fp64 when an input is fp64).
+    """
+    dtype = compute_dtype or _compute_dtype(x, w13, w2, topk_weights, grad_out)
+    T, hidden = x.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    k = topk_ids.shape[1]
+    quant = w13.dtype == torch.int8
+    want_w = need_weight_grads and not quant
+    xf, dyf = x.to(dtype), grad_out.to(dtype)
+    flat_ids = topk_ids.reshape(-1).to(torch.int64)
+    flat_w = topk_weights.reshape(-1).to(dtype)
+    dx_rows = torch.zeros(T * k, hidden, dtype=dtype, device=x.device)
+    dw_flat = torch.zeros(T * k, dtype=dtype, device=x.device)
+    dw13 = torch.zeros(w13.shape, dtype=dtype, device=x.device) if want_w else None
+    dw2 = torch.zeros(w2.shape, dtype=dtype, device=x.device) if want_w else None
+    if expert_map is not None:
+        G = expert_map.shape[0]
+        known = (flat_ids >= 0) & (flat_ids < G)
+        mapped = expert_map.to(torch.int64)[flat_ids.clamp(0, max(G - 1, 0))]
+        flat_ids = torch.where(known, mapped, torch.full_like(flat_ids, -2))
+        flat_ids = torch.where(flat_ids >= -1, flat_ids, -2)
+    else:
+        flat_ids = torch.where(flat_ids >= 0, flat_ids, -2)
+    placed = (flat_ids >= 0) & (flat_ids < E)
+    invalid = ~placed & (flat_ids != -1)
+    dx_rows[invalid] = float("nan")
+    dw_flat[invalid] = float("nan")
+    flat_ids = torch.where(placed, flat_ids, E)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=E + 1).tolist()[:E]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        entries = order[start:start + n]
+        start += n
+        if quant:
+            g_u = dequantize_moe_weight(w13[e], w13_scale[e], dtype)
+            down = dequantize_moe_weight(w2[e], w2_scale[e], dtype)
+        else:
+            g_u, down = w13[e].to(dtype), w2[e].to(dtype)
+        xe = xf.index_select(0, entries // k)
+        dye = dyf.index_select(0, entries // k)
+        we = flat_w[entries, None]
+        gate_up = xe @ g_u.t()
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        sig = torch.sigmoid(gate)
+        act = gate * sig
+        h = act * up
+        dh_unweighted = dye @ down                    # W2ᵀ dy, [n, I]
+        dw_flat[entries] = (h * dh_unweighted).sum(dim=-1)   # <W2 h, dy> = <h, W2ᵀ dy>
+        dh = we * dh_unweighted
+        d_gate_up = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * act], dim=-1)
+        dx_rows[entries] = d_gate_up @ g_u
+        if want_w:
+            dw13[e] = d_gate_up.t() @ xe
+            dw2[e] = (we * dye).t() @ h
+    dx = dx_rows.view(T, k, hidden).sum(dim=1)
+    return dx, dw13, dw2, dw_flat.view(T, k)

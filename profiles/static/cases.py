@@ -3,7 +3,7 @@
 Every entry names one kernel compilation (module, kernel, argument types, constexprs, warps,
 stages, the divisibility hints Triton's JIT attaches at run time) exactly as the package's
 launcher would choose it at that shape (its own planning functions: ``choose_segment_len`` and
-``_value_tile`` for the lightning prefill with an H100's 132 SMs, ``moe_config``/``fit_stages``
+``prefill_tiles`` for the lightning prefill with an H100's 132 SMs, ``moe_config``/``fit_stages``
 for the MoE GEMMs, ``triton_head.TILES`` on a GPU), plus:
 
 - ``grid`` and ``programs``: the launch; ``active`` programs (the rest return at once);
@@ -107,51 +107,65 @@ def _sm_count_132():
         P._num_sms = orig
 
 
-def lightning_prefill(B: int, T: int) -> OpCase:
+def lightning_prefill(B: int, T: int, heads: int = H, precision: str = "default") -> OpCase:
+    """The Triton prefill as ``lightning_prefill_triton`` launches it on an H100 (132 SMs).
+
+    Programs are (segment, head, value tile) in a 1-D grid, value tile fastest; at D = 128 one
+    value tile covers Dv, so each program reads its q, k, v chunk once and writes o once.
+    """
     import torch
 
     from mm1_kernels.lightning import triton_prefill as P
 
-    bv = P._value_tile(D)
+    bv, warps, stages = P.prefill_tiles(D, D, torch.bfloat16)
     nv = cdiv(D, bv)
     with _sm_count_132():
-        seg = P.choose_segment_len(B * T, B, H, nv, H * D * D * 4, torch.device("cuda"))
-    case = OpCase(f"lightning-prefill-B{B}-T{T}", "lightning", "prefill", dict(B=B, T=T, H=H, D=D, dtype="bf16"))
+        seg = P.choose_segment_len(B * T, B, heads, nv, heads * D * D * 4, torch.device("cuda"))
+    suffix = (f"-H{heads}" if heads != H else "") + (f"-{precision}" if precision != "default" else "")
+    case = OpCase(f"lightning-prefill-B{B}-T{T}{suffix}", "lightning", "prefill",
+                  dict(B=B, T=T, H=heads, D=D, dtype="bf16"))
     chunks_total = B * cdiv(T, CHUNK)               # chunks per (head, value tile)
-    flops_op = chunks_total * H * (4 * CHUNK**2 * D + 4 * CHUNK * D * D)
+    flops_op = chunks_total * heads * (4 * CHUNK**2 * D + 4 * CHUNK * D * D)
     qk_tile, v_tile = CHUNK * D * 2, CHUNK * bv * 2  # bytes of one chunk of q (or k), of v (or o)
     state_slice = D * bv * 4
-    base = dict(C=CHUNK, BD=D, BV=bv, HAS_SLOTS=False, DOT_MODE="bf16x2")
+    base = dict(C=CHUNK, BD=D, BV=bv, HAS_SLOTS=False, DOT_MODE=P.BF16_DOT_MODE[precision],
+                EXACT_TILES=D % bv == 0)
 
     def seg_kernel(local, use_seg, final):
         return (PREFILL, "lightning_segment_kernel", PREFILL_PTRS,
                 dict(base, LOCAL_PASS=local, USE_SEG_STATE=use_seg, HAS_INIT=False, STORE_FINAL=final),
-                8, 3, PREFILL_ALIGNED)
+                warps, stages, PREFILL_ALIGNED)
+
+    def shared_qk(ctas):
+        # The nv value-tile programs of one (segment, head) are adjacent in launch order
+        # (distance < nv ≤ W): they read q and k together, once from HBM.
+        return nv <= window(ctas)
 
     def out_bytes(G, n_last, use_seg):
         # Output/single pass: per chunk q, k ([C, D] bf16), v ([C, BV]) read, o ([C, BV]) written;
         # the incoming state slice read (split), the final state slice written (last segments).
         def f(ctas):
-            progs = G * H * nv
-            qk = 2 * qk_tile * chunks_total * H * nv
-            vo = 2 * v_tile * chunks_total * H * nv
-            states = (progs * state_slice if use_seg else 0) + n_last * H * nv * state_slice
-            # q, k shared by the nv value-tile programs of a (segment, head): launch distance G·H.
-            shared = G * H < window(ctas)
-            qk_l2 = qk / nv if shared else qk
-            text = (f"q,k {qk / 1e9:.2f} GB (each re-read by the {nv} value tiles; L2 shares them only if "
-                    f"G·H = {G * H} < W = {window(ctas)}: {'yes' if shared else 'no'}), v,o {vo / 1e9:.2f} GB, "
-                    f"states {states / 1e9:.3f} GB")
+            progs = G * heads * nv
+            qk = 2 * qk_tile * chunks_total * heads * nv
+            vo = 2 * v_tile * chunks_total * heads * nv
+            states = (progs * state_slice if use_seg else 0) + n_last * heads * nv * state_slice
+            qk_l2 = qk / nv if shared_qk(ctas) else qk
+            text = (f"q,k {qk / 1e9:.2f} GB ({nv} value tile{'s' if nv > 1 else ''} per (segment, head)"
+                    + (", adjacent: L2 shares q, k" if nv > 1 else ": each read once") +
+                    f"), v,o {vo / 1e9:.2f} GB, states {states / 1e9:.3f} GB")
             return qk + vo + states, qk_l2 + vo + states, text
         return f
 
+    loop_out = f"{P.BF16_DOT_MODE[precision]} products"
     if seg is None:
         G = B
         case.launches.append(Launch(
-            "prefill single pass", seg_kernel(False, False, True), (G, H, nv), G * H * nv,
-            chunks_total * H * nv, f"one chunk loop per program: {cdiv(T, CHUNK)} chunks × {G * H * nv} programs",
+            "prefill single pass", seg_kernel(False, False, True), (G * heads * nv,), G * heads * nv,
+            chunks_total * heads * nv,
+            f"one chunk loop per program: {cdiv(T, CHUNK)} chunks × {G * heads * nv} programs ({loop_out})",
             flops_op, out_bytes(G, B, False)))
-        case.notes = f"one segment per sequence (B·H·nv = {B * H * nv} programs ≥ 8 × 132)"
+        case.notes = (f"one segment per sequence (B·H·nv = {B * heads * nv} programs > "
+                      f"{P.PROGRAMS_PER_SM} × 132 / 2)")
         return case
 
     nseg = cdiv(T, seg)                               # per sequence
@@ -161,33 +175,38 @@ def lightning_prefill(B: int, T: int) -> OpCase:
     local_chunks = B * (nseg - 1) * seg_chunks        # non-last segments hold exactly seg tokens
 
     def local_bytes(ctas):
-        kv = (qk_tile + v_tile) * local_chunks * H * nv
-        shared = G * H < window(ctas)
-        k_l2 = qk_tile * local_chunks * H * (1 if shared else nv)
-        st = B * (nseg - 1) * H * nv * state_slice
-        return kv + st, k_l2 + v_tile * local_chunks * H * nv + st, \
-            f"k,v {kv / 1e9:.2f} GB (k shared across value tiles: {'yes' if shared else 'no'}), local states written"
+        k = qk_tile * local_chunks * heads * nv
+        v = v_tile * local_chunks * heads * nv
+        st = B * (nseg - 1) * heads * nv * state_slice
+        k_l2 = k / nv if shared_qk(ctas) else k
+        return k + v + st, k_l2 + v + st, \
+            f"k,v {(k + v) / 1e9:.2f} GB of the non-last segments (read again by the output pass), local states written"
+
+    scan_tiles = cdiv(D, P.SCAN_BV)
 
     def scan_bytes(ctas):
-        b = B * H * nv * ((nseg - 1) * 2 * state_slice + state_slice)
-        return b, b, "per (seq, head, value tile): each local state read and replaced, the last written"
+        b = B * heads * D * D * 4 * ((nseg - 1) * 2 + 1)
+        return b, b, "per (seq, head): each local state read and replaced, the last written"
 
     case.notes = (f"split: segment_len = {seg} tokens ({seg_chunks} chunks), {nseg} segments per sequence, "
-                  f"grid rows G = {G} ({G - real} idle), B·H·nv = {B * H * nv} < 8 × 132")
+                  f"grid rows G = {G} ({G - real} idle), B·H·nv = {B * heads * nv} programs → "
+                  f"{real * heads * nv} (PROGRAMS_PER_SM = {P.PROGRAMS_PER_SM} on 132 SMs)")
     case.launches += [
-        Launch("prefill local pass", seg_kernel(True, False, False), (G, H, nv), B * (nseg - 1) * H * nv,
-               local_chunks * H * nv, f"{seg_chunks} chunks × {B * (nseg - 1) * H * nv} non-last-segment programs",
-               0.0, local_bytes, "extra work of the split: K^T V of non-last segments again (not in the count)"),
+        Launch("prefill local pass", seg_kernel(True, False, False), (G * heads * nv,),
+               B * (nseg - 1) * heads * nv, local_chunks * heads * nv,
+               f"{seg_chunks} chunks × {B * (nseg - 1) * heads * nv} non-last-segment programs",
+               0.0, local_bytes,
+               "extra work of the split: K^T V of the non-last segments again, as a bf16 pair (not in the count)"),
         Launch("prefill segment scan",
                (PREFILL, "lightning_segment_scan_kernel",
                 dict(slopes_ptr="*fp32", seg_state_ptr="*fp32", init_state_ptr="*fp32", seq_first_seg_ptr="*i32",
                      seq_last_seg_ptr="*i32", slot_ptr="*i32"),
-                dict(BD=D, BV=bv, HAS_INIT=False, HAS_SLOTS=False), 4, 3,
+                dict(BD=D, BV=P.SCAN_BV, HAS_INIT=False, HAS_SLOTS=False), 4, 3,
                 ("seg_state_ptr", "init_state_ptr", "H", "D", "DV")),
-               (B, H, nv), B * H * nv, None, "no dot", 0.0, scan_bytes),
-        Launch("prefill output pass", seg_kernel(False, True, True), (G, H, nv), real * H * nv,
-               chunks_total * H * nv, f"{seg_chunks} chunks per segment × {real * H * nv} programs",
-               flops_op, out_bytes(G, B, True)),
+               (B, heads, scan_tiles), B * heads * scan_tiles, None, "no dot", 0.0, scan_bytes),
+        Launch("prefill output pass", seg_kernel(False, True, True), (G * heads * nv,), real * heads * nv,
+               chunks_total * heads * nv, f"{seg_chunks} chunks per segment × {real * heads * nv} programs "
+               f"({loop_out})", flops_op, out_bytes(G, B, True)),
     ]
     return case
 
@@ -505,8 +524,265 @@ def head_backward(T: int) -> OpCase:
     return case
 
 
+# ----------------------------------------------------------------------------- MoE backward
+
+BWD = "mm1_kernels.moe.triton_backward"
+
+
+def moe_backward(T: int, inter: int) -> OpCase:
+    """The Triton backward of fused_moe (bf16, dW wanted), launch by launch, at the tiles
+    ``triton_backward.backward_config`` picks. The op's counted FLOPs are the backward's
+    12·hidden·I per routed token (bench/moe.py, kind ``backward``); the gate/up recompute (4 more)
+    is extra work of this launch order, reported as issued but counted 0."""
+    from mm1_kernels.moe import triton_backward as B
+    from mm1_kernels.moe import triton_fused_moe as F
+
+    from bench.moe import touched_experts
+
+    case = OpCase(f"moe-backward-I{inter}-T{T}-bf16", "moe", "backward",
+                  dict(T=T, hidden=HIDDEN, I=inter, E=E, top_k=TOP_K, dtype="bf16"))
+    n = T * TOP_K
+    c = B.backward_config(inter, HIDDEN, T, TOP_K)
+    bm, bn1, bk1, bn2, bk2 = c["BLOCK_M"], c["BLOCK_N1"], c["BLOCK_K1"], c["BLOCK_N2"], c["BLOCK_K2"]
+    bp, bq, warps = c["BLOCK_P"], c["BLOCK_Q"], c["num_warps"]
+    max_blocks = cdiv(n + min(E, n) * (bm - 1), bm)
+    touched = touched_experts(None, T)
+    tiles = expected_row_tiles(T, bm)
+    n1, n2 = cdiv(inter, bn1), cdiv(HIDDEN, bn2)
+    st1 = F.fit_stages(c["num_stages"], bm, bn1, bk1, 3, 4, 2)
+    st2 = F.fit_stages(c["num_stages"], bm, bn2, bk2, 1, 2, 2)
+    block_e = max(16, 1 << (E - 1).bit_length())
+    block_n = max(16, min(1 << max(0, (n - 1).bit_length()), max(16, 8192 // block_e)))
+    block_b = max(16, min(1024, 1 << max(0, (max_blocks - 1).bit_length())))
+    meta = dict(sorted_ids_ptr="*i32", block_expert_ptr="*i32")
+    x_bytes = T * HIDDEN * 2
+    group_m = c["GROUP_M"]
+    tiles_per_expert = tiles / touched
+    weight_reads = min(tiles_per_expert, 1 + (tiles_per_expert - 1) / group_m)
+
+    def aligned(kernel, *extra):
+        names = ("x_ptr", "dy_ptr", "w13_ptr", "w2_ptr", "dgu_ptr", "hw_ptr", "dtw_part_ptr", "rows_out_ptr",
+                 "a_ptr", "b_ptr", "out_ptr", "N", "I", "H", "K", "P", "Q", "stride_xt", "stride_dyt",
+                 "stride_w13e", "stride_w13n", "stride_w2e", "stride_w2n", "stride_we", "stride_wn",
+                 "stride_a", "stride_b", "stride_oe", "stride_op")
+        return tuple(a for a in names if a in getattr(B, kernel).arg_names)
+
+    def align_bytes(ctas):
+        b = 2 * n * 4 + max_blocks * bm * 4 + max_blocks * 4
+        return b, b, "ids read twice (count, scatter); sorted_ids and block_expert written"
+
+    def act_bytes(ctas):
+        w = tiles * n1 * 3 * bn1 * HIDDEN * 2           # gate, up (w13) and w2 column tiles per row tile
+        a = 2 * n * HIDDEN * 2 * n1                      # x and dy rows, per column tile
+        out = n * 3 * inter * 2 + n1 * n * 4             # dgu, hw, routing partials
+        # Grouped order (as the forward's gate_up): a weight column tile is read once per group
+        # of GROUP_M row tiles an expert's tiles fall in; x, dy rows shared across the column sweep.
+        w_l2 = touched * 3 * inter * HIDDEN * 2 * weight_reads
+        shared = group_m < window(ctas)
+        a_l2 = a / n1 if shared else a
+        return (w + a + out, w_l2 + a_l2 + out,
+                f"w13+w2 tiles {w / 1e9:.2f} GB (L2: {weight_reads:.2f} reads per touched expert "
+                f"{w_l2 / 1e9:.2f}), x,dy rows {a / 1e9:.2f} GB (shared across column tiles: "
+                f"{'yes' if shared else 'no'}, GROUP_M {group_m} vs W {window(ctas)}), dgu+hw+partials "
+                f"written {out / 1e9:.3f}")
+
+    def dx_bytes(ctas):
+        w = tiles * n2 * bn2 * 2 * inter * 2
+        a = n * 2 * inter * 2 * n2
+        out = n * HIDDEN * 4
+        w_l2 = touched * 2 * inter * HIDDEN * 2
+        shared = max_blocks < window(ctas)
+        a_l2 = a / n2 if shared else a
+        return (w + a + out, w_l2 + a_l2 + out,
+                f"w13 {w / 1e9:.2f} GB (L2: {w_l2 / 1e9:.2f}), dgu rows {a / 1e9:.2f} GB (shared: "
+                f"{'yes' if shared else 'no'}), fp32 rows written {out / 1e9:.3f}")
+
+    def combine_bytes(ctas):
+        b = n * HIDDEN * 4 + x_bytes + n * 4
+        return b, b, "fp32 rows read, bf16 dx written"
+
+    def route_bytes(ctas):
+        b = n1 * n * 4 + n * 4 * 2
+        return b, b, f"{n1} fp32 partials per entry read, ids read, fp32 gradient written"
+
+    def dw_bytes(P, Q, a_row, b_row, what):
+        def f(ctas):
+            ptiles, qtiles = cdiv(P, bp), cdiv(Q, bq)
+            ab = tiles * bm * (bp * ptiles * qtiles + bq * qtiles * ptiles) * 2  # every program reads its rows
+            out = E * P * Q * 2
+            # Expert slowest in launch order: the expert's rows (A: n/touched rows × a_row, B: × b_row)
+            # stay in L2 while its ptiles·qtiles programs run, if they fit.
+            per_expert = n / touched * (a_row + b_row) * 2
+            hit = per_expert <= L2_USABLE
+            ab_l2 = n * (a_row + b_row) * 2 if hit else ab
+            return (ab + out, ab_l2 + out,
+                    f"{what}: rows {ab / 1e9:.2f} GB ({ptiles}×{qtiles} output tiles per expert re-read them); "
+                    f"L2: an expert's rows {per_expert / 2**20:.1f} MiB ≤ {L2_USABLE / 2**20:.0f} MiB: "
+                    f"{'hit' if hit else 'miss'} ({ab_l2 / 1e9:.2f} GB); bf16 gradient written {out / 1e9:.2f} GB")
+        return f
+
+    def dw_launch(name, P, Q, a_by_token, a_row, b_row, flops):
+        ptiles, qtiles = cdiv(P, bp), cdiv(Q, bq)
+        return Launch(
+            f"moe bwd {name} {bp}x{bq}x{bm}",
+            (BWD, "moe_bwd_dw_kernel", dict(meta, a_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16"),
+             dict(A_BY_TOKEN=a_by_token, B_BY_TOKEN=not a_by_token, TOP_K=TOP_K, PRECISION="tf32", BLOCK_M=bm,
+                  BLOCK_P=bp, BLOCK_Q=bq, BLOCK_B=block_b), warps, c["num_stages"], aligned("moe_bwd_dw_kernel")),
+            (qtiles, ptiles, E), qtiles * ptiles * E, round(tiles * ptiles * qtiles),
+            f"row-tile loop: {tiles:.1f} expected row tiles (all experts) × {ptiles}×{qtiles} output tiles",
+            flops, dw_bytes(P, Q, a_row, b_row, name))
+
+    case.launches += [
+        Launch("moe bwd align (1 program)",
+               (F.__name__, "moe_align_kernel",
+                dict(ids_ptr="*i32", map_ptr="*i32", sorted_ids_ptr="*i32", block_expert_ptr="*i32"),
+                dict(HAS_MAP=False, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_E=block_e,
+                     BLOCK_S=max(16, min(1024, 8192 // block_e))), 4, 3, ()),
+               (1,), 1, None, "no dot", 0.0, align_bytes, "recomputed: the forward saves no metadata"),
+        Launch(f"moe bwd act {bm}x{bn1}x{bk1}",
+               (BWD, "moe_bwd_act_kernel",
+                dict(meta, x_ptr="*bf16", dy_ptr="*bf16", w13_ptr="*bf16", s13_ptr="*fp32", w2_ptr="*bf16",
+                     s2_ptr="*fp32", topk_w_ptr="*fp32", dgu_ptr="*bf16", hw_ptr="*bf16", dtw_part_ptr="*fp32"),
+                dict(TOP_K=TOP_K, QUANT=False, STORE_HW=True, PRECISION="tf32", GROUP_M=group_m, BLOCK_M=bm,
+                     BLOCK_N=bn1, BLOCK_K=bk1), c["act_warps"], st1, aligned("moe_bwd_act_kernel")),
+               (max_blocks * n1,), round(tiles * n1), round(tiles * n1) * cdiv(HIDDEN, bk1),
+               f"K loop {cdiv(HIDDEN, bk1)} trips × {tiles:.1f} active row tiles (of {max_blocks}) × {n1} column tiles",
+               2 * n * HIDDEN * inter, act_bytes,
+               "3 dots per trip: gate and up recomputed (4·n·hidden·I, not counted) and W2ᵀdy (counted)"),
+        Launch(f"moe bwd dx {bm}x{bn2}x{bk2}",
+               (BWD, "moe_bwd_dx_kernel",
+                dict(meta, dgu_ptr="*bf16", w13_ptr="*bf16", rows_out_ptr="*fp32"),
+                dict(QUANT=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2), warps, st2,
+                aligned("moe_bwd_dx_kernel")),
+               (max_blocks, n2), round(tiles * n2), round(tiles * n2) * cdiv(2 * inter, bk2),
+               f"K loop {cdiv(2 * inter, bk2)} trips × {tiles:.1f} active row tiles × {n2} column tiles",
+               4 * n * HIDDEN * inter, dx_bytes),
+        Launch("moe bwd dx combine",
+               (F.__name__, "moe_combine_kernel",
+                dict(rows_ptr="*fp32", ids_ptr="*i32", map_ptr="*i32", out_ptr="*bf16"),
+                dict(TOP_K=TOP_K, HAS_MAP=False, BLOCK_H=1024), 4, 3, ()),
+               (T, cdiv(HIDDEN, 1024)), T * cdiv(HIDDEN, 1024), None, "no dot", 0.0, combine_bytes),
+        Launch("moe bwd routing gradient",
+               (BWD, "moe_bwd_route_grad_kernel",
+                dict(part_ptr="*fp32", ids_ptr="*i32", map_ptr="*i32", out_ptr="*fp32"),
+                dict(HAS_MAP=False, BLOCK=1024), 4, 3, ()),
+               (cdiv(n, 1024),), cdiv(n, 1024), None, "no dot", 0.0, route_bytes),
+        dw_launch("dW13", 2 * inter, HIDDEN, False, 2 * inter, HIDDEN, 4 * n * HIDDEN * inter),
+        dw_launch("dW2", HIDDEN, inter, True, HIDDEN, inter, 2 * n * HIDDEN * inter),
+    ]
+    case.notes = (f"tiles {c}; stages {st1}/{st2}; {touched:.1f} experts touched (expected, uniform routing); "
+                  f"max_blocks {max_blocks}; forward not included (see moe-I{inter}-T{T}-bf16)")
+    return case
+
+
+# ----------------------------------------------------------------------------- lightning backward
+
+LB_BWD = "mm1_kernels.lightning.triton_backward"
+LB_SWEEP_PTRS = dict(x_ptr="*bf16", y_ptr="*bf16", z_ptr="*bf16", out_ptr="*bf16", slopes_ptr="*fp32",
+                     seg_meta_ptr="*i32", seg_state_ptr="*fp32", init_ptr="*fp32", final_ptr="*fp32",
+                     sweep_end_ptr="*i32")
+# As the prefill: 16-byte-aligned pointers, strides and sizes multiples of 16 at M1's shape.
+LB_SWEEP_ALIGNED = ("x_ptr", "y_ptr", "z_ptr", "out_ptr", "seg_state_ptr", "init_ptr", "final_ptr",
+                    "stride_xb", "stride_xt", "stride_xh", "stride_yb", "stride_yt", "stride_yh",
+                    "stride_zb", "stride_zt", "stride_zh", "stride_ob", "stride_ot", "stride_oh",
+                    "H", "DY", "DZ")
+
+
+def lightning_backward(B: int, T: int, heads: int = H) -> OpCase:
+    """The Triton backward (``triton_backward.lightning_backward_triton``) on an H100 (132 SMs):
+    three sweeps (dq forward in time; dk, dv backward), each split into local pass, scan and
+    output pass when the sequence is long, training from a zero state with no gradient through
+    the final state (the model's case: no init, no dfinal, no dinit), precision "default". The
+    dk and dv sweeps compile to the same kernel at D = Dv. Counted FLOPs: bench/lightning.py's
+    ``backward``.
+    ``heads`` < 64 (tensor parallelism) is where the planner splits a sequence into segments."""
+    import torch
+
+    from mm1_kernels.lightning import triton_backward as LB
+
+    bz = LB._z_tile(D)
+    nz = cdiv(D, bz)
+    warps = LB.NUM_WARPS
+    with _sm_count_132():
+        seg = LB.plan_segments(B * T, B, heads, D, D, torch.device("cuda"))
+    case = OpCase(f"lightning-backward-B{B}-T{T}" + (f"-H{heads}" if heads != H else ""), "lightning", "backward",
+                  dict(B=B, T=T, H=heads, D=D, dtype="bf16"))
+    chunks_total = B * cdiv(T, CHUNK)
+    flops_sweep = chunks_total * heads * (4 * CHUNK**2 * D + 4 * CHUNK * D * D)
+    xy_tile, z_tile = CHUNK * D * 2, CHUNK * bz * 2   # one chunk of x (or y), of z (or out), bf16
+    state_slice = D * bz * 4
+
+    def sweep_kernel(reverse, io_t, local, use_seg):
+        return (LB_BWD, "lightning_bwd_sweep_kernel", LB_SWEEP_PTRS,
+                dict(C=CHUNK, BY=D, BZ=bz, REVERSE=reverse, IO_T=io_t, LOCAL_PASS=local, USE_SEG_STATE=use_seg,
+                     HAS_INIT=False, STORE_FINAL=False, DOT_MODE=LB.BF16_DOT_MODE["default"]), warps, 3,
+                LB_SWEEP_ALIGNED)
+
+    def stream_bytes(chunks, with_x, seg_states):
+        # Per chunk and z-tile program: y (and x in an output pass) [C, D] read, z [C, BZ] read,
+        # out [C, BZ] written (output pass). The nz z-tile programs of a (segment, head) are
+        # adjacent in launch order (z tile fastest): they share x and y in L2.
+        def f(ctas):
+            xy = (2 if with_x else 1) * xy_tile * chunks * heads * nz
+            zo = (2 if with_x else 1) * z_tile * chunks * heads * nz
+            states = seg_states * heads * nz * state_slice
+            xy_l2 = xy / nz if nz <= window(ctas) else xy
+            return xy + zo + states, xy_l2 + zo + states, \
+                f"x,y {xy / 1e9:.2f} GB (shared by {nz} adjacent z tiles in L2), z,out {zo / 1e9:.2f} GB, " \
+                f"states {states / 1e9:.3f} GB"
+        return f
+
+    # (name, reverse, init/final seen transposed): as lightning_backward_triton launches them.
+    names = (("dq sweep (forward)", False, True), ("dk sweep (reverse)", True, True),
+             ("dv sweep (reverse)", True, False))
+    if seg is None:
+        for name, rev, io_t in names:
+            case.launches.append(Launch(
+                name, sweep_kernel(rev, io_t, False, False), (B * heads * nz,), B * heads * nz,
+                chunks_total * heads * nz,
+                f"one chunk loop per program: {cdiv(T, CHUNK)} chunks × {B * heads * nz} programs",
+                flops_sweep, stream_bytes(chunks_total, True, 0)))
+        case.notes = (f"one segment per sequence (no scratch); 3 sweeps of {B * heads * nz} programs; "
+                      "the forward is not included (see the lightning-prefill cases)")
+        return case
+
+    nseg = cdiv(T, seg)
+    G = cdiv(B * T, seg) + B
+    real = B * nseg
+    seg_chunks = seg // CHUNK
+    local_chunks = B * (nseg - 1) * seg_chunks
+
+    def scan_bytes(ctas):
+        b = B * heads * D * D * 4 * ((nseg - 1) * 2 + 1)
+        return b, b, "per (seq, head): each local state read and replaced, the last written"
+
+    for name, rev, io_t in names:
+        case.launches += [
+            Launch(f"{name} local pass", sweep_kernel(rev, io_t, True, False), (G * heads * nz,),
+                   B * (nseg - 1) * heads * nz, local_chunks * heads * nz,
+                   f"{seg_chunks} chunks × {B * (nseg - 1) * heads * nz} programs "
+                   "(all but the segment the sweep ends in)",
+                   0.0, stream_bytes(local_chunks, False, B * (nseg - 1)),
+                   "extra work of the split: y^T z of those segments again (not in the count)"),
+            Launch(f"{name} scan",
+                   (LB_BWD, "lightning_bwd_scan_kernel",
+                    dict(slopes_ptr="*fp32", seg_meta_ptr="*i32", seg_state_ptr="*fp32", init_ptr="*fp32",
+                         sweep_start_ptr="*i32", sweep_end_ptr="*i32"),
+                    dict(BY=D, BZ=bz, HAS_INIT=False, IO_T=io_t), 4, 3, ("seg_state_ptr", "init_ptr", "H", "DY", "DZ")),
+                   (B, heads, nz), B * heads * nz, None, "no dot", 0.0, scan_bytes),
+            Launch(f"{name} output pass", sweep_kernel(rev, io_t, False, True), (G * heads * nz,), real * heads * nz,
+                   chunks_total * heads * nz, f"{seg_chunks} chunks per segment × {real * heads * nz} programs",
+                   flops_sweep, stream_bytes(chunks_total, True, real)),
+        ]
+    case.notes = (f"split: segment_len = {seg} tokens, {nseg} segments per sequence, G = {G} grid rows; "
+                  f"scratch {G} × H·D·D·4 = {G * heads * D * D * 4 / 2**20:.1f} MiB shared by the 3 sweeps; "
+                  "the forward is not included (see the lightning-prefill cases)")
+    return case
+
+
 def all_cases() -> list[OpCase]:
-    out = [lightning_prefill(8, 4096), lightning_prefill(1, 32768), lightning_prefill(1, 1 << 20)]
+    out = [lightning_prefill(8, 4096), lightning_prefill(1, 32768), lightning_prefill(1, 1 << 20),
+           lightning_prefill(1, 1 << 20, heads=8), lightning_prefill(8, 4096, precision="high")]
     out += [lightning_decode(b) for b in (1, 64, 256)]
     for inter in (9216, 1152):
         for T in (1, 4096, 16384):
@@ -514,6 +790,8 @@ def all_cases() -> list[OpCase]:
                 out.append(moe(T, inter, dt))
     out += [route(1), route(4096)]
     out += [head_forward(8192), head_backward(8192)]
+    out += [moe_backward(4096, 9216)]
+    out += [lightning_backward(1, 32768), lightning_backward(1, 1 << 20, heads=8)]
     return out
 
 
