@@ -67,6 +67,13 @@ def cases(device: torch.device, args) -> list[Case]:
         _STATE["error"] = f"building the model failed ({type(exc).__name__}: {exc})"[:400]
         return [Case(OP, "prefill", dict(B=1, T=0), x="T")]
     _STATE.update(model=model, dims=_dims(config))
+    # What a tensor-parallel run of the same layers would send (this benchmark runs one GPU):
+    # all-reduce bytes per token and layer at TP = --tp, or M1's deployment TP = 8.
+    from mm1_model.parallel import collective_bytes_per_token
+    tp = args.tp if getattr(args, "tp", 1) > 1 else 8
+    c = collective_bytes_per_token(config, tp, act_bytes=2)
+    _STATE["comm_note"] = (f"; at TP={tp} each rank all-reduces {c['per_layer']:,.0f} B per token and layer "
+                           f"(+{c['embedding']:,.0f} B embedding)")
     d = _STATE["dims"]
     prompt, prefill_T, decode_B = (8, (16, 64), (1, 4)) if args.tiny else (128, (1024, 4096, 8192), (1, 16, 64))
     _STATE["new"] = new = TINY_NEW if args.tiny else NEW
@@ -116,12 +123,15 @@ def cost(case: Case, inputs=None) -> Cost:
     p = case.params
     if "hidden" not in p:
         return Cost(0, 0, "model unavailable")
+    comm = _STATE.get("comm_note", "")
     if case.kind == "prefill":
-        return step_cost(p, p["T"], p["T"])
+        c = step_cost(p, p["T"], p["T"])
+        return Cost(c.flops, c.bytes, c.note + comm)
     # generate: the prompt's prefill plus new-1 decode steps, each sampling one token per row
     c = step_cost(p, p["T"], p["T"], all_logits=False)
     d = step_cost(p, 1, p["T"] + p["new"] // 2, all_logits=False)
-    return Cost(c.flops + (p["new"] - 1) * d.flops, c.bytes + (p["new"] - 1) * d.bytes, "prefill + decode steps")
+    return Cost(c.flops + (p["new"] - 1) * d.flops, c.bytes + (p["new"] - 1) * d.bytes,
+                "prefill + decode steps" + comm)
 
 
 def make_inputs(case: Case, device: torch.device) -> dict:

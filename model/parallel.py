@@ -717,3 +717,31 @@ def per_rank_memory(config: MiniMaxM1Config, tensor_parallel_size: int = 8, expe
     out["lightning_state_per_seq"] = sum(config.is_lightning(i) for i in ids) * (h1 - h0) * D * D * 4
     out["kv_per_token"] = sum(not config.is_lightning(i) for i in ids) * 2 * (k1 - k0) * D * dtype.itemsize
     return out
+
+
+# ---------------------------------------------------------------------- communication
+def collective_bytes_per_token(config: MiniMaxM1Config, tensor_parallel_size: int,
+                               act_bytes: int = 2) -> Dict[str, float]:
+    """Bytes one rank puts into all-reduces per token for one forward of the trunk (embedding
+    and decoder layers, prefill or decode alike), as :class:`TensorParallel` issues them
+    (``comm_bytes`` counts the same), with activations of ``act_bytes`` bytes:
+
+    - ``lightning_layer``: the output norm's fp32 sum of squares (4 B), ``out_proj``'s partial
+      output (hidden) and the MoE's (hidden);
+    - ``softmax_layer``: ``o_proj``'s partial output and the MoE's (hidden each);
+    - ``embedding``: the vocabulary-parallel lookup (hidden), once per token;
+    - ``per_layer``: the mean over the config's layers, embedding excluded.
+
+    Tensor- and expert-parallel experts cost the same (one [tokens, hidden] all-reduce). The FP32
+    head is separate: its statistics are gathered per row (4 fp64 values × W), full logits only
+    when asked. 0 for ``tensor_parallel_size`` 1.
+    """
+    if tensor_parallel_size <= 1:
+        return {"lightning_layer": 0.0, "softmax_layer": 0.0, "embedding": 0.0, "per_layer": 0.0}
+    h = config.hidden_size
+    lightning, softmax = 4 + 2 * h * act_bytes, 2 * h * act_bytes
+    ids = config.layer_ids
+    n_light = sum(config.is_lightning(i) for i in ids)
+    per_layer = (n_light * lightning + (len(ids) - n_light) * softmax) / max(1, len(ids))
+    return {"lightning_layer": float(lightning), "softmax_layer": float(softmax), "embedding": float(h * act_bytes),
+            "per_layer": per_layer}

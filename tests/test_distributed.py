@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import mm1_kernels as mk
 from mm1_model import MiniMaxM1Config, MiniMaxM1ForCausalLM
 from mm1_model import checkpoint as ckpt_mod
-from mm1_model.parallel import TensorParallel, per_rank_memory
+from mm1_model.parallel import TensorParallel, collective_bytes_per_token, per_rank_memory
 
 from numerics import TOL, rel_err
 
@@ -145,7 +145,12 @@ def _worker(rank, world, paths, out_dir, init_file):
                                                              device="cpu", tensor_parallel_size=world, **kw)
             finally:
                 ckpt_mod._open = opened
+            model.tp.comm_bytes.clear()  # one trunk forward: what collective_bytes_per_token predicts
+            with torch.no_grad():
+                model(IDS, return_logits=False)
+            comm = dict(model.tp.comm_bytes)
             r = _outputs(model, rank, full=name == "tp", triton_head=name == "tp" and world == 2)
+            r["comm"] = comm
             r["read"] = sum(log)
             r["state"] = {k: v.clone() for k, v in model.state_dict().items()}
             r["cache_heads"] = model.new_cache(1, 4).layout[2:]
@@ -246,6 +251,21 @@ def test_each_rank_holds_and_reads_only_its_slices(saved, reference, world, case
         assert r["read"] == held, f"rank {rank} read {r['read']} elements from the checkpoint, holds {held}"
         (h0, h1), (k0, k1) = tp.heads, tp.kv_heads
         assert r["cache_heads"] == (h1 - h0, cfg.head_dim, k1 - k0)
+
+
+@pytest.mark.parametrize("world,case", PARAMS)
+def test_collective_bytes_are_what_the_model_benchmark_counts(saved, reference, world, case):
+    """Every rank's all-reduce bytes for one trunk forward equal the analytic count the model
+    benchmark reports (bytes per token and layer), in tensor- and expert-parallel layouts."""
+    ranks = _spawned(world, saved)
+    cfg = reference[_ref_kind(case)]["model"].config
+    c = collective_bytes_per_token(cfg, world, act_bytes=4)  # the tests load fp32
+    tokens, layers = IDS.numel(), len(cfg.layer_ids)
+    for rank, res in enumerate(ranks):
+        comm = res[case]["comm"]
+        assert sum(comm.values()) == tokens * (layers * c["per_layer"] + c["embedding"]), (rank, case, comm)
+        assert comm["lightning_norm"] == tokens * 4 * sum(cfg.is_lightning(i) for i in cfg.layer_ids)
+    assert collective_bytes_per_token(cfg, 1)["per_layer"] == 0
 
 
 @pytest.mark.parametrize("world,case", PARAMS)
