@@ -154,6 +154,10 @@ def main(argv=None):
                    "--nproc-per-node TP; needs --checkpoint)")
     p.add_argument("--ep", action="store_true", help="with --tp: expert parallel (whole experts per rank)")
     args = p.parse_args(argv)
+    if args.tp < 1:
+        p.error(f"--tp must be >= 1, got {args.tp}")
+    if args.ep and args.tp == 1:
+        p.error("--ep needs --tp > 1 (the experts are spread over the tensor-parallel ranks)")
     if args.tp > 1:
         _init_distributed(args)
 

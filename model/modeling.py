@@ -389,7 +389,12 @@ class MiniMaxM1ForCausalLM(nn.Module):
         # Tensor/expert parallel (model/parallel.py) inside an initialized process group; size 1
         # is the unsharded model.
         tp = None
-        if as_int(tensor_parallel_size, "tensor_parallel_size") != 1:
+        if as_int(tensor_parallel_size, "tensor_parallel_size") < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if expert_parallel and tensor_parallel_size == 1:
+            raise ValueError("expert_parallel=True needs tensor_parallel_size > 1 (the experts are spread "
+                             "over the tensor-parallel ranks)")
+        if tensor_parallel_size != 1:
             from .parallel import TensorParallel
             tp = TensorParallel.from_process_group(config, tensor_parallel_size, process_group, expert_parallel)
         self.tp = None

@@ -733,7 +733,7 @@ def collective_bytes_per_token(config: MiniMaxM1Config, tensor_parallel_size: in
     - ``per_layer``: the mean over the config's layers, embedding excluded.
 
     Tensor- and expert-parallel experts cost the same (one [tokens, hidden] all-reduce). The FP32
-    head is separate: its statistics are gathered per row (4 fp64 values × W), full logits only
+    head is separate: its statistics are gathered per row (4 fp32 values × W), full logits only
     when asked. 0 for ``tensor_parallel_size`` 1.
     """
     if tensor_parallel_size <= 1:

@@ -332,7 +332,7 @@ def test_size_one_is_the_unsharded_model(saved, reference):
         assert torch.equal(m(IDS).logits, reference["float"]["logits"])
 
 
-def test_refusals_name_the_argument():
+def test_refusals_name_the_argument(capsys):
     cfg = MiniMaxM1Config.tiny()
     with pytest.raises(RuntimeError, match="tensor_parallel_size=2 needs an initialized"):
         MiniMaxM1ForCausalLM(cfg, tensor_parallel_size=2)
@@ -341,6 +341,15 @@ def test_refusals_name_the_argument():
     with pytest.raises(ValueError, match="num_local_experts"):
         TensorParallel(MiniMaxM1Config.tiny(num_attention_heads=8, num_key_value_heads=2), 8, 0,
                        expert_parallel=True)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        MiniMaxM1ForCausalLM(cfg, tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="expert_parallel=True needs tensor_parallel_size > 1"):
+        MiniMaxM1ForCausalLM(cfg, expert_parallel=True)
+    from mm1_model.__main__ import main
+    for argv, what in ((["--tp", "0"], "--tp must be"), (["--ep"], "--ep needs --tp")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert what in capsys.readouterr().err
 
 
 def test_per_rank_memory_of_the_full_model():

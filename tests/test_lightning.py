@@ -586,3 +586,17 @@ def test_decode_and_varlen_prefill_capture_in_a_cuda_graph(backend):
     torch.cuda.synchronize()
     assert torch.equal(o, ref_o) and torch.equal(work, ref_state)
     assert torch.equal(p, ref_p) and torch.equal(f, ref_f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 8, 2, 32), (2, 0, 2, 32)], ids=["B0", "T0"])
+def test_empty_batch_or_sequence(backend, shape):
+    """No tokens: empty outputs, the initial state (here zeros) as the final state, zero gradients;
+    no planner division by zero (an empty batch has no programs to split)."""
+    q = torch.randn(*shape, requires_grad=True)
+    slopes = torch.rand(shape[2])
+    o, final = mk.lightning_attention(q, q, q, slopes, output_final_state=True, backend=backend)
+    assert o.shape == shape and final.shape == (shape[0], shape[2], shape[3], shape[3])
+    assert bool((final == 0).all())
+    (o.sum() + final.sum()).backward()
+    assert q.grad.shape == shape and bool((q.grad == 0).all())

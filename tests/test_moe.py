@@ -440,12 +440,23 @@ def test_tile_table_lookup_user_file_device_file_and_errors(tmp_path, monkeypatc
     bad = tmp_path / "bad.json"
     for doc in ({"configs": {}}, {"token_buckets": [1, 16], "configs": {}},
                 {"token_buckets": [1, None], "configs": {"64": [base]}},
-                {"token_buckets": [None], "configs": {"64": [dict(base, BLOCK_M=0)]}}):
-        bad.write_text(__import__("json").dumps(doc))
+                {"token_buckets": [None], "configs": {"64": [dict(base, BLOCK_M=0)]}},
+                {"token_buckets": [16, 16, None], "configs": {}},
+                # tiles the kernels cannot compile: tl.dot needs powers of two ≥ 16
+                {"token_buckets": [None], "configs": {"64": [dict(base, BLOCK_N1=48)]}},
+                {"token_buckets": [None], "configs": {"64": [dict(base, BLOCK_M=8)]}},
+                {"token_buckets": [None], "configs": {"64": [dict(base, BLOCK_M=True)]}},
+                {"token_buckets": [None], "configs": {"64": [dict(base, num_warps=3)]}},
+                "{not json"):
+        bad.write_text(doc if isinstance(doc, str) else __import__("json").dumps(doc))
         tile_configs.load_table.cache_clear()
         monkeypatch.setenv("MM1_MOE_CONFIG", str(bad))
         with pytest.raises(ValueError, match="bad.json"):
             moe_config(64, 64, 1)
+    monkeypatch.setenv("MM1_MOE_CONFIG", str(tmp_path / "missing.json"))
+    tile_configs.load_table.cache_clear()
+    with pytest.raises(ValueError, match="missing.json.*MM1_MOE_CONFIG"):
+        moe_config(64, 64, 1)
     with pytest.raises(ValueError, match="weight_dtype"):
         tile_configs.device_file("x", "fp8")
     tile_configs.load_table.cache_clear()

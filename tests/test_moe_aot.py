@@ -61,7 +61,7 @@ def _cases():
             cases[f"gate_up-{inter}-{tokens}-{wt}"] = (
                 FUSED, "moe_gate_up_kernel", dict(GATE_UP_META, x_ptr="*bf16", h_ptr="*bf16", w_ptr=f"*{wt}"),
                 dict(UNIT_SCALE_STRIDE, TOP_K=2, QUANT=q, PRECISION="tf32", DIRECT=direct, HAS_MAP=False,
-                     GROUP_M=2 * tokens if direct else c["GROUP_M"], BLOCK_M=c["BLOCK_M"],
+                     GROUP_M=f.DIRECT_MAX_ENTRIES if direct else c["GROUP_M"], BLOCK_M=c["BLOCK_M"],
                      BLOCK_N=c["BLOCK_N1"], BLOCK_K=c["BLOCK_K1"]),
                 c["num_warps"], c["num_stages"], _aligned("moe_gate_up_kernel"))
             if direct:

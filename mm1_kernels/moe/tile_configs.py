@@ -6,7 +6,8 @@ Files (``mm1_kernels/moe/configs/``):
 - ``device_name=<torch.cuda.get_device_name, spaces as _>,dtype=<bf16|fp16|int8>.json``: a
   table measured by ``python -m bench.tune_moe`` on that device for that weight dtype; when it
   exists it wins for the widths and buckets it lists (it may list only some).
-- ``MM1_MOE_CONFIG=/path/file.json``: a user's table, read first (same format).
+- ``MM1_MOE_CONFIG=/path/file.json``: a user's table, read first (same format), for every
+  weight dtype.
 
 Format: ``{"token_buckets": [1, 16, 64, 512, 4096, null], "configs": {"<I>": [config per
 bucket]}}``. Bucket i covers T in ``(token_buckets[i-1], token_buckets[i]]`` (null = no upper
@@ -28,7 +29,8 @@ Why the default shapes (M1: hidden 6144, 32 experts, top-2; I = 9216 / TP):
   64 × 2·64 fp32 accumulators (64 registers per thread), 24 KiB per pipeline stage, 4 stages:
   2 CTAs per SM, so one CTA's epilogue overlaps the other's main loop.
 - T > 4096: ≥ 256 rows per expert, so 128-row tiles (8 warps, two warpgroups splitting the
-  rows) halve the weight traffic per FLOP at ≤ 6% padding; GEMM 1 still holds 128 × 2·64
+  rows) halve the weight traffic per FLOP; the padding falls from ~25% just past T = 4096
+  (64 of ~256 rows per expert) to ~6% at T = 16384; GEMM 1 still holds 128 × 2·64
   accumulators (64 per thread), not two 128 × 128 (which took 255 registers, 1 CTA/SM).
 - ``GROUP_M`` = 128: the GEMMs launch programs in groups of ``GROUP_M`` row tiles × all column
   tiles, row tile fastest. A weight column tile serves an expert's row tiles back to back, read
@@ -66,33 +68,58 @@ def device_file(device_name: str, weight_dtype: str) -> Path:
     return CONFIG_DIR / f"device_name={device_name.replace(' ', '_')},dtype={weight_dtype}.json"
 
 
+def _pow2(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v & (v - 1) == 0
+
+
+# What the kernels can compile: tl.dot tiles are powers of two ≥ 16, warps a power of two.
+RULES = {
+    "BLOCK_M": (lambda v: _pow2(v) and v >= 16, "a power of two ≥ 16"),
+    "BLOCK_N1": (lambda v: _pow2(v) and v >= 16, "a power of two ≥ 16"),
+    "BLOCK_K1": (lambda v: _pow2(v) and v >= 16, "a power of two ≥ 16"),
+    "BLOCK_N2": (lambda v: _pow2(v) and v >= 16, "a power of two ≥ 16"),
+    "BLOCK_K2": (lambda v: _pow2(v) and v >= 16, "a power of two ≥ 16"),
+    "num_warps": (lambda v: _pow2(v) and 1 <= v <= 16, "a power of two in [1, 16]"),
+    "num_stages": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8, "an integer in [1, 8]"),
+    "GROUP_M": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+}
+
+
 def _check_table(doc, source: str) -> dict:
     """Validate a table document; returns ``{"buckets": (...), "configs": {I: [dict, ...]}}``."""
     try:
-        buckets = tuple(float("inf") if b is None else int(b) for b in doc["token_buckets"])
+        raw = doc["token_buckets"]
+        buckets = tuple(float("inf") if b is None else int(b) for b in raw)
         configs = {int(k): [dict(c) for c in v] for k, v in doc["configs"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"MoE tile table {source}: needs 'token_buckets' and 'configs' ({exc})") from None
-    if not buckets or list(buckets) != sorted(buckets) or buckets[-1] != float("inf"):
-        raise ValueError(f"MoE tile table {source}: token_buckets must increase and end with null, got "
-                         f"{doc['token_buckets']}")
+    if (not buckets or any(b <= a for a, b in zip(buckets, buckets[1:])) or buckets[-1] != float("inf")
+            or any(isinstance(b, bool) for b in raw)):
+        raise ValueError(f"MoE tile table {source}: token_buckets must strictly increase and end with null, got {raw}")
     for inter, rows in configs.items():
         if len(rows) != len(buckets):
             raise ValueError(f"MoE tile table {source}: I={inter} has {len(rows)} configs for "
                              f"{len(buckets)} token buckets")
         for cfg in rows:
             missing = [f for f in FIELDS if f not in cfg]
-            bad = [f for f in FIELDS if f in cfg and (not isinstance(cfg[f], int) or cfg[f] < 1)]
+            bad = [f"{f}={cfg[f]!r} (must be {RULES[f][1]})" for f in FIELDS if f in cfg and not RULES[f][0](cfg[f])]
             if missing or bad:
-                raise ValueError(f"MoE tile table {source}: I={inter} config {cfg} lacks {missing} / "
-                                 f"has non-positive or non-integer {bad}")
+                raise ValueError(f"MoE tile table {source}: I={inter} config {cfg}: missing {missing}, invalid {bad}")
     return {"buckets": buckets, "configs": configs}
 
 
 @functools.cache
 def load_table(path: str) -> dict:
-    with open(path) as f:
-        return _check_table(json.load(f), path)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"MoE tile table {path} cannot be read ({exc.strerror or exc}); it comes from "
+                         "MM1_MOE_CONFIG or mm1_kernels/moe/configs/") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"MoE tile table {path} is not valid JSON ({exc}); it comes from MM1_MOE_CONFIG "
+                         "or mm1_kernels/moe/configs/") from None
+    return _check_table(doc, path)
 
 
 def format_table(configs: dict, token_buckets, comment: str, device_name: Optional[str] = None,

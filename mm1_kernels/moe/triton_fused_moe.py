@@ -389,7 +389,9 @@ def fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scal
     if direct:
         sorted_ids = block_expert = ids  # unused pointers
         num_m = n
-        group_m = n  # entry fastest: entries sharing an expert read its weight tile back to back
+        # One group holding every entry (n ≤ DIRECT_MAX_ENTRIES), entry fastest: entries sharing an
+        # expert read its weight tile back to back. A constant, so T = 1..8 compile once.
+        group_m = DIRECT_MAX_ENTRIES
     else:
         sorted_ids, block_expert, num_m = moe_align(ids, E, bm, emap if has_map else None)
         group_m = cfg["GROUP_M"]

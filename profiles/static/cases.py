@@ -263,7 +263,7 @@ def moe(T: int, inter: int, dtype: str) -> OpCase:
     c = F.moe_config(inter, HIDDEN, T)
     direct = n <= F.DIRECT_MAX_ENTRIES
     bm = 16 if direct else c["BLOCK_M"]
-    group_m = n if direct else c["GROUP_M"]
+    group_m = F.DIRECT_MAX_ENTRIES if direct else c["GROUP_M"]
     max_blocks = n if direct else cdiv(n + min(E, n) * (bm - 1), bm)
     touched = touched_experts(None, T)
     per_expert = n / touched
