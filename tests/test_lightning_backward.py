@@ -197,6 +197,14 @@ def test_opcheck(device):
                               (*leaves, slopes, init_, cu_, df is not None, "torch", "default"))
         torch.library.opcheck(ops.lightning_attention_backward.default,
                               (do, df, q, k, v, slopes, init_, cu_, init_ is not None, "torch", "default"))
+    # Head-major storage ([B, H, T, D] memory viewed as [B, T, H, D], fla's head_first): the
+    # fakes must give the ops' contiguous gradients, not the inputs' strides (inductor checks).
+    hm = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do)]
+    for backend in ("torch", "triton"):
+        torch.library.opcheck(ops.lightning_attention_backward.default,
+                              (hm[3], dfinal[:1], hm[0], hm[1], hm[2], slopes, init[:1], None, True, backend,
+                               "default"),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_non_differentiable_paths_refuse_grad(device):

@@ -322,6 +322,29 @@ def test_compile_fullgraph_traces_forward_and_backward(device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_fakes_match_the_ops_on_permuted_layouts(device):
+    """Dense permuted inputs (expert-minor weight storage, transposed routing tensors): the ops
+    return contiguous tensors and the fakes must say so (inductor compares them)."""
+    T, E = 6, 4
+    x, logits, dy = make_inputs(T, E, seed=31)
+    w13, w2 = make_experts(E, seed=32)
+    x, logits, dy, w13, w2 = to(device, torch.float32, x, logits, dy, w13, w2)
+    w13p = w13.transpose(0, 1).contiguous().transpose(0, 1)   # [E, 2I, H] stored [2I, E, H]
+    w2p = w2.transpose(0, 1).contiguous().transpose(0, 1)
+    logits_t = logits.t().contiguous().t()
+    w, ids = mk.moe_route(logits, top_k=2, backend="torch")
+    w_t = w.t().contiguous().t()
+    ops = torch.ops.mm1
+    checks = ("test_schema", "test_faketensor")
+    for backend in BACKENDS:
+        torch.library.opcheck(ops.fused_moe.default, (x, w13p, w2p, w_t, ids, None, None, backend, None),
+                              test_utils=checks)
+        torch.library.opcheck(ops.fused_moe_backward.default,
+                              (dy, x, w13p, w2p, w_t, ids, None, None, backend, None, True), test_utils=checks)
+        torch.library.opcheck(ops.moe_route_backward.default, (w_t, logits_t, w, ids, True, backend),
+                              test_utils=checks)
+
+
 # ------------------------------------------------------------------------------ sm_90a builds
 
 def test_backward_kernels_compile_for_hopper_without_spills():

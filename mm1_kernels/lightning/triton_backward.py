@@ -149,7 +149,9 @@ def lightning_bwd_sweep_kernel(
     z_offs = offs_c[:, None] * stride_zt + offs_z[None, :]
     o_offs = offs_c[:, None] * stride_ot + offs_z[None, :]
     # Intra-block decays, exponents clamped at 0 where the select zeroes the scores (a select,
-    # not a multiply by 0, so a NaN/inf in a token outside the causal range does not leak).
+    # not a multiply by 0, so a NaN/inf in the *scores'* operands outside the causal range does
+    # not leak). The other operand of the block product is dense: a NaN/inf there reaches every
+    # row of the 64-token block (0·inf), as in the forward's P·V — documented, not guarded.
     if REVERSE:
         keep = offs_c[:, None] <= offs_c[None, :]                               # i ≥ j
         intra = tl.exp(-s * tl.maximum(offs_c[None, :] - offs_c[:, None], 0).to(tl.float32))

@@ -52,12 +52,12 @@ def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map)
     return reference.fused_moe_reference(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
                                          compute_dtype=torch.float32,
-                                         expert_map=expert_map).to(x.dtype)
+                                         expert_map=expert_map).to(x.dtype).contiguous()
 
 
 @_fused_moe_op.register_fake
 def _(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map=None):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the op returns (fakes must match strides too)
 
 
 # ------------------------------------------------------------------------------------ autograd
@@ -70,12 +70,12 @@ def _moe_route_backward_op(grad_weights: torch.Tensor, router_logits: torch.Tens
     backend: no kernel of its own would pay for its launch."""
     return reference.moe_route_backward_reference(grad_weights, router_logits, topk_weights,
                                                   topk_ids, renormalize,
-                                                  torch.float32).to(router_logits.dtype)
+                                                  torch.float32).to(router_logits.dtype).contiguous()
 
 
 @_moe_route_backward_op.register_fake
 def _(grad_weights, router_logits, topk_weights, topk_ids, renormalize, backend):
-    return torch.empty_like(router_logits)
+    return router_logits.new_empty(router_logits.shape)
 
 
 def _route_setup_context(ctx, inputs, output):
@@ -111,8 +111,8 @@ def _fused_moe_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w13: torch.T
     are empty ``[0]`` tensors when not needed (frozen or int8 weights)."""
     want_w = need_weight_grads and w13.dtype != torch.int8
     if x.shape[0] == 0:
-        return (torch.zeros_like(x), torch.zeros_like(w13) if want_w else x.new_empty(0),
-                torch.zeros_like(w2) if want_w else x.new_empty(0), torch.zeros_like(topk_weights))
+        return (x.new_zeros(x.shape), w13.new_zeros(w13.shape) if want_w else x.new_empty(0),
+                w2.new_zeros(w2.shape) if want_w else x.new_empty(0), topk_weights.new_zeros(topk_weights.shape))
     if backend == "triton":
         from .triton_backward import fused_moe_backward_triton
         dx, dw13, dw2, dtw = fused_moe_backward_triton(
@@ -121,16 +121,17 @@ def _fused_moe_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w13: torch.T
         dx, dw13, dw2, dtw = reference.fused_moe_backward_reference(
             grad_out, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
             compute_dtype=torch.float32, expert_map=expert_map, need_weight_grads=want_w)
-    return (dx.to(x.dtype), dw13.to(w13.dtype) if want_w else x.new_empty(0),
-            dw2.to(w2.dtype) if want_w else x.new_empty(0), dtw.to(topk_weights.dtype))
+    # Contiguous whatever the inputs' layout (padded or permuted weight views): the fake says so.
+    return (dx.to(x.dtype).contiguous(), dw13.to(w13.dtype).contiguous() if want_w else x.new_empty(0),
+            dw2.to(w2.dtype).contiguous() if want_w else x.new_empty(0), dtw.to(topk_weights.dtype).contiguous())
 
 
 @_fused_moe_backward_op.register_fake
 def _(grad_out, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map,
       need_weight_grads):
     want_w = need_weight_grads and w13.dtype != torch.int8
-    return (torch.empty_like(x), torch.empty_like(w13) if want_w else x.new_empty(0),
-            torch.empty_like(w2) if want_w else x.new_empty(0), torch.empty_like(topk_weights))
+    return (x.new_empty(x.shape), w13.new_empty(w13.shape) if want_w else x.new_empty(0),
+            w2.new_empty(w2.shape) if want_w else x.new_empty(0), topk_weights.new_empty(topk_weights.shape))
 
 
 def _moe_setup_context(ctx, inputs, output):
