@@ -102,5 +102,16 @@ __device__ __forceinline__ void mma(float (&c)[4], const Tf32Frag<4, SPLIT>& a, 
   mma_tf32(c, a.hi, b.hi);
 }
 
+// A split into hi + lo whatever B is: for products whose A operand is an fp32 value that must
+// keep ~fp32 accuracy although B is an exact 16-bit input (the state update's decayed keys:
+// the fp32 state contract, 1e-5). B is split too when SPLIT_B (fp32 inputs: the 3xTF32 of mma).
+template <bool SPLIT_B>
+__device__ __forceinline__ void mma_split_a(float (&c)[4], const Tf32Frag<4, true>& a,
+                                            const Tf32Frag<2, SPLIT_B>& b) {
+  mma_tf32(c, a.lo, b.hi);
+  if (SPLIT_B) mma_tf32(c, a.hi, b.lo);
+  mma_tf32(c, a.hi, b.hi);
+}
+
 }  // namespace lightning
 }  // namespace mm1

@@ -18,9 +18,10 @@
 //
 // Precision: every tile is staged in shared memory as fp32. 16-bit inputs are exact in TF32,
 // so Q K^T is exact products with fp32 accumulation; the products with an fp32 operand
-// (P V, Q S, decayed K^T V) round that operand to TF32, as the Triton kernel does for fp16 (its
-// bf16 path rounds to bf16, or keeps a bf16 hi+lo pair, and always a pair for the state update:
-// mm1_kernels/lightning/triton_prefill.py; issue 16 ports that scheme here). For fp32
+// (P V, Q S) round that operand to TF32, as the Triton kernel does for fp16; the state update's
+// decayed keys are split into TF32 hi + lo for every dtype (two products), so the state keeps
+// ~fp32 accuracy (the fp32-state contract, 1e-5; the Triton kernel keeps a bf16 pair there for
+// the same reason: mm1_kernels/lightning/triton_prefill.py). For fp32
 // inputs every product uses the 3xTF32 split (hi·hi + hi·lo + lo·hi), about fp32 accuracy;
 // TF32 alone would miss the 1e-5 contract. Decay powers λ^e (0 ≤ e ≤ 64) are computed once per
 // CTA in double and rounded to fp32; no exponent is ever negative. All offsets into q/k/v/o and
@@ -279,13 +280,15 @@ lightning_prefill_kernel(const PrefillArgs a) {
         for (int mi = 0; mi < S_MT; ++mi) {
           const int d0 = (warp * S_MT + mi) * 16;
           if (d0 < D) {  // row tiles wholly past D stay zero
-            Tf32Frag<4, SPLIT> fa;
+            // The decayed keys are fp32 values: split into hi + lo for every input dtype, so
+            // the state keeps ~fp32 accuracy (the Triton kernel's bf16 pair, same reason).
+            Tf32Frag<4, true> fa;
             fa.set(0, k_s[i0 * L::QK_STRIDE + d0 + g] * kd0);
             fa.set(1, k_s[i0 * L::QK_STRIDE + d0 + g + 8] * kd0);
             fa.set(2, k_s[i1 * L::QK_STRIDE + d0 + g] * kd1);
             fa.set(3, k_s[i1 * L::QK_STRIDE + d0 + g + 8] * kd1);
 #pragma unroll
-            for (int ni = 0; ni < S_NT; ++ni) mma<SPLIT>(st[mi][ni], fa, fb[ni]);
+            for (int ni = 0; ni < S_NT; ++ni) mma_split_a<SPLIT>(st[mi][ni], fa, fb[ni]);
           }
         }
       }

@@ -193,7 +193,8 @@ def markdown(rep: dict) -> str:
                        f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} ({r['limited_by']}) | {_mma(r)} | "
                        f"{r['memory_path']} |")
         out += ["", "CUDA issued ÷ counted and bytes: n/a — hand-written loops whose trip structure is not "
-                "derived here (see /work/shared/STATIC_AUDIT.md for a manual read)."]
+                "derived here (profiles/notes/lightning_prefill.md and the kernels' header comments "
+                "describe their loops)."]
     out += ["", "## Models per case", ""]
     for op in rep["ops"]:
         out.append(f"- **{op['case']}** — {op['cost_note']}. {op['notes']}")
