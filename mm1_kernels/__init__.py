@@ -22,6 +22,7 @@ from .head import (
                         head_logprobs,
                         head_logprobs_reference,
                         head_sample,
+                        sample_from_logits,
 )
 from .lightning import lightning_attention, lightning_attention_reference, lightning_decode, lightning_slopes
 from .moe import (
@@ -44,5 +45,5 @@ __all__ = [
     "moe_route", "fused_moe", "quantize_moe_weights", "moe_route_reference",
     "fused_moe_reference", "moe_block_reference", "dequantize_moe_weight",
     "HeadOutput", "head_logprobs", "head_sample", "cispo_loss", "head_cispo_loss", "head_logprobs_reference",
-    "head_logits",
+    "head_logits", "sample_from_logits",
 ]

@@ -362,7 +362,7 @@ class TensorParallel:
             else:
                 z = torch.cat(self.all_gather(z, "head_sample"), -1)        # [rows, V], rank order
                 _refuse_nonfinite(~(z.abs().amax(-1) <= _SAFE_TEMPERED_LOGIT))
-                tokens[r0:r1] = _sample_rows(z, float(top_p), top_k, generator)
+                tokens[r0:r1] = mk.sample_from_logits(z, float(top_p), top_k, generator)
         if temperature > 0:
             self.broadcast_(tokens, "head_sample")
         lp = self.head_logprobs(h2, weight, tokens, t, backend).logprobs
@@ -396,23 +396,6 @@ def _refuse_nonfinite(bad: torch.Tensor) -> None:
         raise ValueError(f"head_sample: cannot sample: the tempered logits are NaN, inf or beyond "
                          f"1e37 in row(s) {rows}: hidden or weight holds non-finite or out-of-range "
                          f"values, or the temperature is too small")
-
-
-def _sample_rows(z: torch.Tensor, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """One token per row of tempered fp32 logits after top-k / top-p: the same steps as the
-    head's own sampler (``mm1_kernels.head`` ``_sample_rows``), so a sharded run with the same
-    generator seed draws the tokens an unsharded one does (pinned by tests/test_distributed.py)."""
-    V = z.shape[-1]
-    if 0 < top_k < V:
-        kth = z.topk(top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_z, order = z.sort(dim=-1, descending=True)
-        probs = torch.softmax(sorted_z, dim=-1)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        sorted_z = sorted_z.masked_fill(drop, float("-inf"))
-        z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
-    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
 
 
 def merge_head_stats(stats: torch.Tensor, targets: torch.Tensor):

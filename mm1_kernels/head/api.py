@@ -236,8 +236,11 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return HeadOutput(lp.reshape(lead), lse.reshape(lead), ent.reshape(lead))
 
 
-def _sample_rows(z: torch.Tensor, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """Sample one token per row of tempered fp32 logits ``z [rows, V]`` after top-k / top-p."""
+def sample_from_logits(z: torch.Tensor, top_p: float = 1.0, top_k: int = 0, generator=None) -> torch.Tensor:
+    """One token per row of tempered fp32 logits ``z [rows, V]`` after top-k (``0`` = off) and
+    top-p (``1.0`` = off): the sampling step of :func:`head_sample`, public so that a caller
+    holding the logits another way (a vocabulary-parallel head that gathered them) draws exactly
+    the tokens ``head_sample`` would with the same generator state."""
     V = z.shape[-1]
     # masked_fill with a Python scalar: a torch.tensor(-inf, device=cuda) fill value would be a
     # blocking host-to-device copy on every decode step.
@@ -358,7 +361,7 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
             if bool(bad.any()):
                 _nonfinite_logits("head_sample", bad, h2[r0:r1], weight, logits_temperature,
                                   inputs_may_be_nonfinite=False)
-        tokens[r0:r1] = z.argmax(-1) if t == 0 else _sample_rows(z, float(top_p), top_k, generator)
+        tokens[r0:r1] = z.argmax(-1) if t == 0 else sample_from_logits(z, float(top_p), top_k, generator)
     # The op itself, not head_logprobs: the inputs are validated and the tokens are in [0, V) by
     # construction, so its target range check would only cost a host sync per decode step.
     lp = torch.ops.mm1.head_logprobs(h2, weight, tokens, logits_temperature, chosen)[0]

@@ -80,6 +80,36 @@ def quantize_moe_weights_reference(w13: torch.Tensor, w2: torch.Tensor):
     return tuple(out)
 
 
+def _expert_groups(topk_ids: torch.Tensor, E: int, expert_map: Optional[torch.Tensor]):
+    """The (token, slot) entries grouped by local expert, as both references walk them.
+
+    Returns ``(invalid, groups)``: ``invalid [T·k]`` marks an id (or map value) out of range —
+    its row is NaN — and ``groups`` is a list of ``(e, entries)`` for every local expert that
+    received entries, entries ascending. With ``expert_map`` (global id → local index, -1 = on
+    another rank) ids are mapped first; entries of other ranks' experts are in no group and not
+    invalid (they contribute exactly zero). Synchronizes the host (a reference, not a kernel)."""
+    flat_ids = topk_ids.reshape(-1).to(torch.int64)
+    if expert_map is not None:
+        G = expert_map.shape[0]
+        known = (flat_ids >= 0) & (flat_ids < G)
+        mapped = expert_map.to(torch.int64)[flat_ids.clamp(0, max(G - 1, 0))]
+        flat_ids = torch.where(known, mapped, torch.full_like(flat_ids, -2))
+        flat_ids = torch.where(flat_ids >= -1, flat_ids, -2)  # -1: another rank's expert
+    else:
+        flat_ids = torch.where(flat_ids >= 0, flat_ids, -2)
+    placed = (flat_ids >= 0) & (flat_ids < E)
+    invalid = ~placed & (flat_ids != -1)
+    flat_ids = torch.where(placed, flat_ids, E)  # sorts last, counted in an extra bin
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=E + 1).tolist()[:E]
+    groups, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            groups.append((e, order[start:start + n]))
+        start += n
+    return invalid, groups
+
+
 def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                         topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                         w13_scale: Optional[torch.Tensor] = None,
@@ -113,28 +143,11 @@ def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     inter = two_i // 2
     k = topk_ids.shape[1]
     xf = x.to(dtype)
-    flat_ids = topk_ids.reshape(-1).to(torch.int64)
     flat_w = topk_weights.reshape(-1).to(dtype)
     rows = torch.zeros(T * k, hidden, dtype=dtype, device=x.device)
-    if expert_map is not None:
-        G = expert_map.shape[0]
-        known = (flat_ids >= 0) & (flat_ids < G)
-        mapped = expert_map.to(torch.int64)[flat_ids.clamp(0, max(G - 1, 0))]
-        flat_ids = torch.where(known, mapped, torch.full_like(flat_ids, -2))
-        flat_ids = torch.where(flat_ids >= -1, flat_ids, -2)  # -1: another rank's expert
-    else:
-        flat_ids = torch.where(flat_ids >= 0, flat_ids, -2)
-    placed = (flat_ids >= 0) & (flat_ids < E)
-    rows[~placed & (flat_ids != -1)] = float("nan")  # an invalid id or map value
-    flat_ids = torch.where(placed, flat_ids, E)  # sorts last, counted in an extra bin
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=E + 1).tolist()[:E]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        entries = order[start:start + n]
-        start += n
+    invalid, groups = _expert_groups(topk_ids, E, expert_map)
+    rows[invalid] = float("nan")  # an invalid id or map value
+    for e, entries in groups:
         if w13.dtype == torch.int8:
             g_u = dequantize_moe_weight(w13[e], w13_scale[e], dtype)
             down = dequantize_moe_weight(w2[e], w2_scale[e], dtype)
@@ -226,33 +239,15 @@ def fused_moe_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, w13: t
     quant = w13.dtype == torch.int8
     want_w = need_weight_grads and not quant
     xf, dyf = x.to(dtype), grad_out.to(dtype)
-    flat_ids = topk_ids.reshape(-1).to(torch.int64)
     flat_w = topk_weights.reshape(-1).to(dtype)
     dx_rows = torch.zeros(T * k, hidden, dtype=dtype, device=x.device)
     dw_flat = torch.zeros(T * k, dtype=dtype, device=x.device)
     dw13 = torch.zeros(w13.shape, dtype=dtype, device=x.device) if want_w else None
     dw2 = torch.zeros(w2.shape, dtype=dtype, device=x.device) if want_w else None
-    if expert_map is not None:
-        G = expert_map.shape[0]
-        known = (flat_ids >= 0) & (flat_ids < G)
-        mapped = expert_map.to(torch.int64)[flat_ids.clamp(0, max(G - 1, 0))]
-        flat_ids = torch.where(known, mapped, torch.full_like(flat_ids, -2))
-        flat_ids = torch.where(flat_ids >= -1, flat_ids, -2)
-    else:
-        flat_ids = torch.where(flat_ids >= 0, flat_ids, -2)
-    placed = (flat_ids >= 0) & (flat_ids < E)
-    invalid = ~placed & (flat_ids != -1)
+    invalid, groups = _expert_groups(topk_ids, E, expert_map)
     dx_rows[invalid] = float("nan")
     dw_flat[invalid] = float("nan")
-    flat_ids = torch.where(placed, flat_ids, E)
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=E + 1).tolist()[:E]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        entries = order[start:start + n]
-        start += n
+    for e, entries in groups:
         if quant:
             g_u = dequantize_moe_weight(w13[e], w13_scale[e], dtype)
             down = dequantize_moe_weight(w2[e], w2_scale[e], dtype)
