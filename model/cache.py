@@ -25,8 +25,10 @@ def _heads(config: MiniMaxM1Config, num_heads, num_kv_heads):
 
 class MiniMaxM1Cache:
     def __init__(self, config: MiniMaxM1Config, num_slots: int, max_len: int,
-                 device="cpu", dtype: torch.dtype = torch.bfloat16, num_heads=None, num_kv_heads=None):
-        """``num_heads``/``num_kv_heads``: the heads one tensor-parallel rank holds (default all)."""
+                 device="cpu", dtype: torch.dtype = torch.bfloat16, num_heads=None, num_kv_heads=None,
+                 consistent: bool = False):
+        """``num_heads``/``num_kv_heads``: the heads one tensor-parallel rank holds (default all).
+        ``consistent``: the cache of a consistent-mode model (see ``MiniMaxM1ForCausalLM.consistent``)."""
         if not isinstance(config, MiniMaxM1Config):
             raise TypeError(f"config must be a MiniMaxM1Config, got {type(config).__name__}")
         num_slots = as_size(num_slots, "num_slots")
@@ -38,6 +40,9 @@ class MiniMaxM1Cache:
         softmax = [i for i in ids if not config.is_lightning(i)]
         H, D, KVH = _heads(config, num_heads, num_kv_heads)
         self.num_slots, self.max_len = num_slots, max_len
+        if not isinstance(consistent, bool):
+            raise TypeError(f"consistent must be a bool, got {type(consistent).__name__}")
+        self.consistent = consistent
         # What the cache was shaped for: a model checks it before running (see ``check_fits``).
         self.layout = (tuple(lightning), tuple(softmax), H, D, KVH)
         self._lightning_index = {l: n for n, l in enumerate(lightning)}

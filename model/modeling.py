@@ -76,6 +76,7 @@ class StepInfo:
     pad_pos: Optional[torch.Tensor] = None      # [N, Tq] long: query position per (seq, j)
     unpad: Optional[torch.Tensor] = None        # [n_tok] long: index of each token in [N*Tq]
     kv_len: int = 0                             # cache positions the softmax layers attend over
+    consistent: bool = False                    # consistent mode (see MiniMaxM1ForCausalLM)
 
     def backend_for(self, op: str) -> Optional[str]:
         return op_backend(op, self.backend)
@@ -379,13 +380,15 @@ class MiniMaxM1ForCausalLM(nn.Module):
     """
 
     def __init__(self, config: MiniMaxM1Config, backend: Optional[str] = None,
-                 tensor_parallel_size: int = 1, expert_parallel: bool = False, process_group=None):
+                 tensor_parallel_size: int = 1, expert_parallel: bool = False, process_group=None,
+                 consistent: bool = False):
         super().__init__()
         if not isinstance(config, MiniMaxM1Config):
             raise TypeError(f"config must be a MiniMaxM1Config, got {type(config).__name__}")
         config.validate()  # fields may have changed since the config was made
         self.config = config
         self.backend = backend
+        self.consistent = consistent
         # Tensor/expert parallel (model/parallel.py) inside an initialized process group; size 1
         # is the unsharded model.
         tp = None
@@ -414,24 +417,41 @@ class MiniMaxM1ForCausalLM(nn.Module):
     def backend(self, value: Optional[str]) -> None:
         self._backend = check_backend(value, "backend")
 
+    @property
+    def consistent(self) -> bool:
+        """Consistent mode: every token's logprob is bitwise the same from ``generate`` and from
+        the training forward (``logprobs``), whatever else is in the batch."""
+        return self._consistent
+
+    @consistent.setter
+    def consistent(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"consistent must be a bool, got {type(value).__name__}")
+        self._consistent = value
+
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, layers=None,
                         device=None, backend: Optional[str] = None, quantize_experts: bool = False,
                         progress: bool = False, tensor_parallel_size: int = 1, expert_parallel: bool = False,
-                        process_group=None) -> MiniMaxM1ForCausalLM:
+                        process_group=None, consistent: bool = False) -> MiniMaxM1ForCausalLM:
         """Load M1's checkpoint format (see ``checkpoint.load_pretrained``).
 
         ``device=None``: ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
         ``tensor_parallel_size=W`` (inside an initialized process group of W ranks, default the
         default group): each rank reads and holds only its slices (see ``mm1_model.parallel``);
         ``expert_parallel=True`` places whole experts on ranks instead of slicing each one.
+        ``consistent=True``: consistent mode (see :attr:`consistent`).
         """
         from .checkpoint import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, layers=layers, device=device, backend=backend,
-                               quantize_experts=quantize_experts, progress=progress,
-                               tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel,
-                               process_group=process_group)
+        if not isinstance(consistent, bool):
+            raise TypeError(f"consistent must be a bool, got {type(consistent).__name__}")
+        model = load_pretrained(cls, path, dtype=dtype, layers=layers, device=device, backend=backend,
+                                quantize_experts=quantize_experts, progress=progress,
+                                tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel,
+                                process_group=process_group)
+        model.consistent = consistent
+        return model
 
     def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30, progress: bool = False) -> None:
         from .checkpoint import save_pretrained
@@ -504,7 +524,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
     def new_cache(self, num_slots: int, max_len: int) -> MiniMaxM1Cache:
         """A cache of ``num_slots`` sequences of up to ``max_len`` tokens each, on the model's device."""
         return MiniMaxM1Cache(self.config, num_slots, max_len, device=self.device, dtype=self.dtype,
-                              **self._cache_heads())
+                              consistent=self.consistent, **self._cache_heads())
 
     def _cache_heads(self) -> dict:
         """The heads this rank's cache holds (all of them without tensor parallelism)."""
@@ -588,7 +608,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device).expand(B, T)
         with nvtx_range("mm1.forward"):
-            hidden = self.model(input_ids, StepInfo("full", pos, backend=self.backend))
+            hidden = self.model(input_ids, StepInfo("full", pos, backend=self.backend, consistent=self.consistent))
             logits = self.logits_from_hidden(hidden) if return_logits else None
         return CausalLMOutput(logits, hidden)
 
@@ -635,7 +655,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
                         slots=slots_t, cu_seqlens=cu,
                         tok_slot=slots_t.long()[seq_of_tok], tok_pos=prev_t[seq_of_tok] + local,
                         pad_gather=pad_gather, pad_pos=pad_pos, unpad=seq_of_tok * tq + local,
-                        kv_len=max(totals))
+                        kv_len=max(totals), consistent=self.consistent)
         with nvtx_range("mm1.prefill"):
             hidden = self.model(ids, step)[0]                                 # [Ttot, hidden]
             if not all_logits:
@@ -672,7 +692,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
         ar = torch.arange(B, device=dev)
         step = StepInfo("decode", pos_t[:, None], backend=self.backend, cache=cache, slots=slots_t,
                         tok_slot=slots_t.long(), tok_pos=pos_t, pad_gather=ar[:, None],
-                        pad_pos=pos_t[:, None], unpad=ar, kv_len=max(pos) + 1)
+                        pad_pos=pos_t[:, None], unpad=ar, kv_len=max(pos) + 1, consistent=self.consistent)
         with nvtx_range("mm1.decode"):
             hidden = self.model(tokens[:, None], step)[:, 0]
             logits = self.logits_from_hidden(hidden) if return_logits else None
