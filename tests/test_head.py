@@ -110,26 +110,93 @@ def coherent_logits_inputs(T, V, K, dtype, max_logit=100.0, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_triton_logits_two_sum_compensation(dtype, monkeypatch):
-    """The head's two-sum across K blocks (``triton_head.COMPENSATE``) keeps each fp32 logit
-    within 2 fp32 ulps of the exact one at |logit| ~ 100 over 64 K blocks; a plain running sum
-    drifts by ~4-8 ulps there (measured through the interpreter: ≤ 0.55 ulp bf16 / 0.92 fp32
-    compensated, 6-7 ulps plain). Fails if the compensation is dropped or switched off."""
+def test_triton_logits_two_sum_compensation(dtype):
+    """The head's optional two-sum across K blocks (``compensate=True``; default
+    ``triton_head.COMPENSATE``) keeps each fp32 logit within 2 fp32 ulps of the exact one at
+    |logit| ~ 100 over 64 K blocks; a plain running sum drifts by ~4-8 ulps there (measured
+    through the interpreter: ≤ 0.55 ulp bf16 / 0.92 fp32 compensated, 6-7 ulps plain). Fails
+    if the compensation is dropped or the option ignored."""
     from mm1_kernels.head import triton_head as th
     T, V, K = 16, 128, 2048
     h, w = coherent_logits_inputs(T, V, K, dtype)
     exact = h.double() @ w.double().T
     ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))))
-    assert exact.abs().max() > 99 and K // th.TILES[dtype == torch.float32][2] >= 32
+    assert exact.abs().max() > 99 and K // th.tiles(dtype == torch.float32, True)[2] >= 32
 
-    def ulps():
-        return ((th.head_logits_triton(h, w, 1.0).double() - exact).abs() / ulp).max().item()
+    def ulps(compensate):
+        z = th.head_logits_triton(h, w, 1.0, compensate=compensate)
+        return ((z.double() - exact).abs() / ulp).max().item()
 
-    got = ulps()
+    got = ulps(True)
     assert got <= 2.0, f"logits off by {got:.2f} fp32 ulps (> 2): is the two-sum compensation gone?"
     # The case discriminates: without compensation the same logits miss the bound.
-    monkeypatch.setattr(th, "COMPENSATE", False)
-    assert ulps() > 2.0
+    assert ulps(False) > 2.0
+
+
+# The GPU's bf16 tile shapes (triton_head.tiles / dlogits_tiles on a GPU), run once through the
+# interpreter on a small problem: T and V not multiples of 128, K not a multiple of BK, two
+# vocabulary splits (split_v = 256), so every edge mask of the GPU shapes is exercised.
+GPU_SHAPES = [pytest.param((128, 128, 64), id="128x128x64"), pytest.param((128, 64, 64), id="128x64x64")]
+
+
+@pytest.mark.parametrize("tile_shape", GPU_SHAPES)
+@pytest.mark.parametrize("compensate", [False, True], ids=["plain", "two-sum"])
+def test_triton_forward_gpu_tile_shapes(tile_shape, compensate, poison_outputs):
+    from mm1_kernels.head import triton_head as th
+    T, V, K, temp = 130, 300, 96, 0.9
+    h, w, t = make_inputs(T, V, K, torch.bfloat16, 20.0, ignore_every=7, seed=21)
+    t[5], t[6], t[129] = V - 1, 255, 256  # targets in the last (ragged) column tile, either side of a split
+    kw = dict(split_v=256, compensate=compensate, tile_shape=tile_shape)
+    out = th.head_forward_triton(h, w, t, temp, **kw)
+    errs = max_err(out, R.head_reference(h, w, t, temp))
+    assert max(errs) <= TOL, errs
+    # Batch invariance at these tiles: the rows of the second (2-row) token tile alone, and a
+    # row of the first tile at a different position of a different batch.
+    for rows in ([128, 129], [129], [0, 127]):
+        sub = th.head_forward_triton(h[rows], w, t[rows], temp, **kw)
+        for a, b in zip(sub, out):
+            assert torch.equal(a, b[rows]), rows
+    # The sampling logits at the same tiles are bitwise the statistics' own logits.
+    z = th.head_logits_triton(h, w, temp, compensate=compensate, tile_shape=tile_shape)
+    assert not z.isnan().any()
+    assert (z.double() - (h.double() @ w.double().T) / temp).abs().max() <= 1e-5
+
+
+def dlogits_reference(h, w, t, g_lp, g_lse, g_ent, lse, ent, temp, v0):
+    """fp64 dz for vocabulary ids v0 + [0, V) of w's rows, with the given lse / entropy."""
+    z = (h.double() @ w.double().T) / temp
+    logp = z - lse.double()[:, None]
+    p = logp.exp()
+    g = p * (g_lse - g_lp).double()[:, None] - g_ent.double()[:, None] * p * (logp + ent.double()[:, None])
+    cols = torch.arange(w.shape[0]) + v0
+    g = g + torch.where(cols[None, :] == t[:, None], g_lp.double()[:, None], 0.0)
+    return g / temp
+
+
+@pytest.mark.parametrize("tile_shape", [None, (128, 128, 64)], ids=["interpreter-tiles", "128x128x64"])
+def test_triton_dlogits_block_edges_and_bf16_store(tile_shape):
+    """The logit-gradient kernel on a block at a vocabulary offset (v0) with ragged rows and
+    columns, in grouped program order (interpreter: 9 token tiles = groups of 4, 4, 1): every
+    element written (NaN-filled outputs), within fp32 rounding of fp64, and the bf16 store is
+    bitwise the fp32 result rounded to nearest even (what the gradient GEMMs used to do)."""
+    from mm1_kernels.head import triton_head as th
+    T, Vfull, K, temp, v0, V = 130, 700, 96, 0.8, 200, 300
+    h, w, t = make_inputs(T, Vfull, K, torch.bfloat16, 20.0, ignore_every=5, seed=4)
+    t[1], t[2], t[3], t[4] = v0, v0 + V - 1, v0 - 1, v0 + V  # first / last column, either side
+    lse, ent = R.head_reference(h, w, t, temp)[1:]
+    lse, ent = lse.float(), ent.float()
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_lse, g_ent = (torch.randn(T, generator=g) for _ in range(3))
+    g_lp[t == -100] = 0.0
+    args = (h, w[v0:v0 + V], t, g_lp, g_lse, g_ent, lse, ent, temp)
+    out32 = torch.full((T, V), float("nan"))
+    out16 = torch.full((T, V), float("nan"), dtype=torch.bfloat16)
+    th.head_dlogits_triton(*args, v0=v0, out=out32, tile_shape=tile_shape)
+    th.head_dlogits_triton(*args, v0=v0, out=out16, tile_shape=tile_shape)
+    ref = dlogits_reference(h, w[v0:v0 + V], t, g_lp, g_lse, g_ent, lse, ent, temp, v0)
+    assert not out32.isnan().any() and not out16.isnan().any()
+    assert rel_err(out32, ref) <= 1e-5
+    assert torch.equal(out16, out32.to(torch.bfloat16))
 
 
 def test_triton_batch_invariant_and_deterministic():

@@ -23,11 +23,19 @@ def _tensor_core_gradients(hidden: torch.Tensor) -> bool:
             and "dtype" in torch.ops.aten.mm.overloads())
 
 
+def gemm_operand_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """dtype of the gradient GEMMs' operands (dz, the weight chunk, hidden): the input dtype on
+    tensor cores, fp32 otherwise. A backend may return dz in it already (the Triton kernel
+    stores it so); the driver's conversion is then a no-op."""
+    return hidden.dtype if _tensor_core_gradients(hidden) else torch.float32
+
+
 def head_backward_blocks(hidden, weight, dz_block, rows_per_block: int,
                          vocab_chunk: int = BACKWARD_VOCAB_CHUNK, need_dweight: bool = True):
     """Shared backward driver: (dhidden, dweight) in the inputs' dtypes.
 
-    ``dz_block(t0, t1, v0, v1)`` returns the fp32 gradient w.r.t. the logits of that block.
+    ``dz_block(t0, t1, v0, v1)`` returns the gradient w.r.t. the logits of that block, fp32
+    or already in :func:`gemm_operand_dtype`.
     Blocks are visited in a fixed order (vocabulary chunks outer, rows inner) and both
     gradients accumulate in fp32, so the result is deterministic; scratch is one block, the
     fp32 ``[T, K]`` hidden gradient and one fp32 ``[vocab_chunk, K]`` slice of the weight and of
@@ -47,8 +55,7 @@ def head_backward_blocks(hidden, weight, dz_block, rows_per_block: int,
     # to the weight's dtype right away: no fp32 copy of the whole [V, K] gradient.
     dw = torch.empty(V if need_dweight else 0, K, dtype=weight.dtype, device=hidden.device)
     tensor_cores = _tensor_core_gradients(hidden)
-    # Operands of the gradient GEMMs: the input dtype on tensor cores, fp32 otherwise.
-    gemm_dtype = hidden.dtype if tensor_cores else torch.float32
+    gemm_dtype = gemm_operand_dtype(hidden)
 
     def gemm(a, b):
         return torch.mm(a, b, out_dtype=torch.float32) if tensor_cores else a @ b

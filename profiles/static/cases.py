@@ -4,7 +4,7 @@ Every entry names one kernel compilation (module, kernel, argument types, conste
 stages, the divisibility hints Triton's JIT attaches at run time) exactly as the package's
 launcher would choose it at that shape (its own planning functions: ``choose_segment_len`` and
 ``prefill_tiles`` for the lightning prefill with an H100's 132 SMs, ``moe_config``/``fit_stages``
-for the MoE GEMMs, ``triton_head.TILES`` on a GPU), plus:
+for the MoE GEMMs, ``triton_head.tiles`` on a GPU), plus:
 
 - ``grid`` and ``programs``: the launch; ``active`` programs (the rest return at once);
 - ``mma_iterations``: how many times, summed over all programs, the loop that holds every
@@ -396,131 +396,164 @@ def route(T: int) -> OpCase:
 
 # ----------------------------------------------------------------------------- head
 
-def _head_tiles():
-    """triton_head's GPU tiles for bf16 inputs (this process runs without the interpreter)."""
+def _head_config(compensate: bool | None = None):
+    """triton_head's GPU configuration for bf16 inputs (this process runs without the
+    interpreter): forward tiles (aligned layout, no stored logits), logit-gradient tiles,
+    SPLIT_V, MERGE_BT, warps, GROUP_T and the two-sum option (default: the module's)."""
     from mm1_kernels.head import triton_head as TH
 
-    bt, bv, bk = TH.TILES[False]
-    return bt, bv, bk, TH.SPLIT_V, TH.MERGE_BT, TH.NUM_WARPS
+    comp = bool(TH.COMPENSATE) if compensate is None else compensate
+    fwd, dlogits = TH.tiles(False, comp), TH.dlogits_tiles(False, comp)
+    return dict(fwd=fwd, dlogits=dlogits, split_v=TH.SPLIT_V, merge_bt=TH.MERGE_BT, warps=TH.NUM_WARPS,
+                group_t=TH.group_t(fwd), group_t_dlogits=TH.group_t(dlogits), compensate=comp)
 
 
-def _head_group_t() -> int:
-    from mm1_kernels.head import triton_head as TH
-    return TH.GROUP_T
+def _head_l2(n_t: int, n_v: int, n_lanes: int, gt: int, W: int, h_tile: int, w_tile: int):
+    """HBM reads of hidden and weight for programs (token tile, vocabulary step) visited in
+    triton_head's grouped order (groups of gt token tiles, token tile fastest, then the
+    vocabulary index), every program reading a K-complete [BT, hidden] and [BV, hidden] tile.
+
+    n_v vocabulary steps per token tile, walked by n_lanes programs in launch order (the
+    forward: one program per split walks its split's steps; the gradient: one program per
+    step). Returns (hidden reads, weight reads) in tiles, and the text. W co-resident programs
+    span gt token tiles × sp = min(n_lanes, ⌈W/gt⌉) vocabulary steps. Weight: the gt programs of one vocabulary
+    step in a group are adjacent (distance < gt ≤ W): one read per group. Hidden: a token
+    tile's tile is needed again one vocabulary step later; in between the co-resident programs
+    touch gt hidden tiles and sp weight tiles. If those fit in L2 the tile is read once per
+    group, else once per window of sp steps (the sp co-resident programs of a token tile read
+    the same K slices at about the same time: one HBM read)."""
+    gt = min(gt, n_t)
+    groups = cdiv(n_t, gt)
+    sp = min(n_lanes, cdiv(W, gt))
+    between = gt * h_tile + sp * w_tile
+    hit = between <= L2_USABLE
+    h_reads = n_t if hit else n_t * cdiv(n_v, sp)
+    w_reads = n_v * groups
+    text = (f"groups of {gt} token tiles × {sp} co-resident vocabulary steps: w once per group ({groups} "
+            f"groups); h again per step unless {gt} h tiles + {sp} w tiles = {between / 2**20:.1f} MiB ≤ "
+            f"{L2_USABLE / 2**20:.0f} MiB: {'hit, h once per group' if hit else f'miss, h once per {sp} steps'}")
+    return h_reads, w_reads, text
 
 
-def _compensate() -> bool:
-    from mm1_kernels.head import triton_head as TH
-    return bool(TH.COMPENSATE)
+def head_forward(T: int, compensate: bool | None = None) -> OpCase:
+    """The forward as head_forward_triton launches it for bf16 on a GPU (aligned layout).
 
-
-def head_forward(T: int) -> OpCase:
-    bt, bv, bk, split_v, merge_bt, warps = _head_tiles()
+    Per program (token tile, vocabulary split): for each BV-wide step of the split a K loop
+    over [BT, BK] hidden and [BV, BK] weight slices, so each step streams a K-complete hidden
+    tile and weight tile; bytes by :func:`_head_l2`. Why not ≤ 2× the minimum bytes at T = 8192
+    (the weight, 2.46 GB, read ≤ 2×): the weight is re-read once per group of token tiles whose
+    hidden tiles are co-resident, and T = 8192 tokens of hidden are 100 MB, twice the whole L2;
+    and with K-complete tiles the co-resident programs' hidden + weight tiles (gt + ⌈W/gt⌉ ≥ 23
+    tiles of 1.5 MiB at 128 × 128) exceed the 25 MiB this model credits, so hidden tiles are
+    shared only by programs reading the same K slices at the same time (see triton_head).
+    """
+    cfg = _head_config(compensate)
+    bt, bv, bk = cfg["fwd"]
+    split_v, group_t = cfg["split_v"], cfg["group_t"]
     nsplit = cdiv(VOCAB, split_v)
     ttiles = cdiv(T, bt)
     vtiles = sum(cdiv(min(split_v, VOCAB - s * split_v), bv) for s in range(nsplit))
     ksteps = cdiv(HIDDEN, bk)
-    case = OpCase(f"head-forward-T{T}", "head", "logprobs", dict(T=T, hidden=HIDDEN, V=VOCAB, dtype="bf16"))
+    name = f"head-forward-T{T}" + ("-compensated" if compensate and not _head_config()["compensate"] else "")
+    case = OpCase(name, "head", "logprobs", dict(T=T, hidden=HIDDEN, V=VOCAB, dtype="bf16"))
     h_tile = bt * HIDDEN * 2
     w_step = bv * HIDDEN * 2
-    group_t = _head_group_t()
-    groups = cdiv(ttiles, group_t)
 
     def split_bytes(ctas):
         it = ttiles * vtiles * ksteps
         h = it * bt * bk * 2
         w = it * bv * bk * 2
         part = nsplit * 4 * T * 4 + ttiles * nsplit * bt * 8
-        W = window(ctas)
-        # Launch order: groups of group_t token tiles, token tile fastest inside a group, then
-        # the split. w: the ≤ group_t programs of one split in a group are adjacent (distance
-        # < group_t ≤ W), so each group reads the weight once.
-        gt = min(group_t, ttiles)
-        w_l2 = VOCAB * HIDDEN * 2 * groups * max(1, cdiv(gt, W))
-        # h: each program re-reads its [BT, hidden] tile for every BV-wide vocabulary step. In
-        # between, the W co-resident programs (gt token tiles × ~W/gt splits) stream their gt
-        # hidden tiles and one [BV, hidden] weight step per split. If that fits, a token tile's
-        # hidden is read once: its programs are gt apart in launch order (< W), so one of them
-        # is resident from the group's first to its last split; else every step re-reads it,
-        # shared by the co-resident programs of the same token tile.
-        sp = min(nsplit, cdiv(W, gt))
-        between = gt * h_tile + sp * w_step
-        hit = between <= L2_USABLE
-        h_l2 = T * HIDDEN * 2 if hit else h / sp
+        # The splits are consecutive vocabulary steps of one program; across programs the
+        # order is (token tile, split), so the co-resident programs sit at ⌈W/gt⌉ different
+        # splits, each at some step: the model counts their steps as ⌈W/gt⌉ weight tiles.
+        h_reads, w_reads, text = _head_l2(ttiles, vtiles, nsplit, group_t, window(ctas), h_tile, w_step)
+        h_l2, w_l2 = h_reads * h_tile, w_reads * w_step
         return (h + w + part, h_l2 + w_l2 + part,
                 f"per K step a [{bt},{bk}] h tile and a [{bv},{bk}] w tile: h {h / 1e9:.1f} GB, w {w / 1e9:.1f} GB; "
-                f"L2 (groups of {group_t} token tiles, token fastest): w once per group ({groups} groups, "
-                f"{w_l2 / 1e9:.2f} GB); h re-read per vocabulary step unless {gt} h tiles + {sp} w steps = "
-                f"{between / 2**20:.1f} MiB ≤ {L2_USABLE / 2**20:.0f} MiB: "
-                f"{'hit' if hit else 'miss'} ({h_l2 / 1e9:.2f} GB)")
+                f"L2: {text}: h {h_l2 / 1e9:.2f} GB, w {w_l2 / 1e9:.2f} GB")
 
     def merge_bytes(ctas):
         b = nsplit * 4 * T * 4 + T * 8 + 3 * T * 4
         return b, b, "partials read, lp/lse/entropy written"
 
     case.launches += [
-        Launch(f"head split_stats {bt}x{bv}x{bk}",
+        Launch(f"head split_stats {bt}x{bv}x{bk}" + (" compensated" if cfg["compensate"] else ""),
                (HEAD, "head_split_stats_kernel",
                 dict(h_ptr="*bf16", w_ptr="*bf16", inv_temp="fp32", tgt_ptr="*i64", part_ptr="*fp32",
                      logits_ptr="*fp32"),
-                dict(BT=bt, BV=bv, BK=bk, FP32_INPUTS=False, COMPENSATE=_compensate(), STORE_LOGITS=False,
+                dict(BT=bt, BV=bv, BK=bk, FP32_INPUTS=False, COMPENSATE=cfg["compensate"], STORE_LOGITS=False,
                      GROUP_T=group_t),
-                warps, 3, ("h_ptr", "w_ptr", "tgt_ptr", "part_ptr", "T", "V", "K", "stride_h", "stride_w")),
+                cfg["warps"], 3, ("h_ptr", "w_ptr", "tgt_ptr", "part_ptr", "T", "V", "K", "stride_h", "stride_w")),
                (ttiles * nsplit,), ttiles * nsplit, ttiles * vtiles * ksteps,
                f"K loop {ksteps} trips inside the vocabulary loop ({vtiles} {bv}-wide steps over all "
                f"{nsplit} splits) × {ttiles} token tiles",
                2 * T * VOCAB * HIDDEN, split_bytes),
         Launch("head merge", (HEAD, "head_merge_splits_kernel",
                               dict(part_ptr="*fp32", tgt_ptr="*i64", lp_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32"),
-                              dict(IGNORE=-100, BT=merge_bt), 4, 3, ()),
-               (cdiv(T, merge_bt),), cdiv(T, merge_bt), None, "no dot", 0.0, merge_bytes),
+                              dict(IGNORE=-100, BT=cfg["merge_bt"]), 4, 3, ()),
+               (cdiv(T, cfg["merge_bt"]),), cdiv(T, cfg["merge_bt"]), None, "no dot", 0.0, merge_bytes),
     ]
     case.notes = ("compiled with the divisibility hints the JIT attaches at M1's sizes (T, V = 200,064, "
-                  "hidden = 6144 and the pointers; tests/test_head_aot.py compiles without them)")
+                  "hidden = 6144 and the pointers; tests/test_head_aot.py compiles without them too); "
+                  f"two-sum across K blocks {'on' if cfg['compensate'] else 'off (triton_head.COMPENSATE)'}")
     return case
 
 
 def head_backward(T: int) -> OpCase:
+    """The logit-gradient kernel as head_backward_triton launches it for bf16 on a GPU: one
+    launch per (vocabulary chunk, row block) of the shared driver, each a grouped 1-D grid of
+    K-complete [BT, BV] tiles (bytes by :func:`_head_l2`, nothing credited across launches);
+    dz stored in bf16 (the dtype the driver's tensor-core gradient GEMMs take)."""
     from mm1_kernels.head.backward import BACKWARD_VOCAB_CHUNK, TORCH_BLOCK_ELEMENTS
 
-    bt, bv, bk, _split, _mbt, warps = _head_tiles()
+    cfg = _head_config()
+    bt, bv, bk = cfg["dlogits"]
+    group_t = cfg["group_t_dlogits"]
     rows = max(bt, TORCH_BLOCK_ELEMENTS // BACKWARD_VOCAB_CHUNK)
     chunks = cdiv(VOCAB, BACKWARD_VOCAB_CHUNK)
     rblocks = cdiv(T, rows)
     ttiles = cdiv(T, bt)
-    vtiles = sum(cdiv(min(BACKWARD_VOCAB_CHUNK, VOCAB - c * BACKWARD_VOCAB_CHUNK), bv) for c in range(chunks))
+    chunk_cols = [min(BACKWARD_VOCAB_CHUNK, VOCAB - c * BACKWARD_VOCAB_CHUNK) for c in range(chunks)]
+    vtiles = sum(cdiv(c, bv) for c in chunk_cols)
     ksteps = cdiv(HIDDEN, bk)
     case = OpCase(f"head-backward-T{T}", "head", "logprobs_fwd_bwd",
                   dict(T=T, hidden=HIDDEN, V=VOCAB, dtype="bf16"))
+    h_tile, w_tile = bt * HIDDEN * 2, bv * HIDDEN * 2
 
     def f(ctas):
-        progs = ttiles * vtiles
-        h = progs * bt * HIDDEN * 2
-        w = progs * bv * HIDDEN * 2
-        dz = T * VOCAB * 4
-        W = window(ctas)
-        per_tile = min(cdiv(min(T, rows), bt), ttiles)  # token tiles per launch (pid 0)
-        w_l2 = VOCAB * HIDDEN * 2 * max(1, cdiv(per_tile, W))
-        share = max(1, W // per_tile)                    # co-resident column tiles sharing an h tile
-        h_l2 = h / share
+        h = w = h_l2 = w_l2 = 0
+        text = ""
+        for r0 in range(0, T, rows):
+            n_t = cdiv(min(rows, T - r0), bt)
+            for cols in chunk_cols:
+                n_v = cdiv(cols, bv)
+                h += n_t * n_v * h_tile
+                w += n_t * n_v * w_tile
+                h_reads, w_reads, text = _head_l2(n_t, n_v, n_v, group_t, window(ctas), h_tile, w_tile)
+                h_l2 += h_reads * h_tile
+                w_l2 += w_reads * w_tile
+        dz = T * VOCAB * 2
         return (h + w + dz, h_l2 + w_l2 + dz,
-                f"h {h / 1e9:.1f} GB, w {w / 1e9:.1f} GB, dz fp32 written {dz / 1e9:.2f} GB; L2: w once per "
-                f"launch, h shared by {share} co-resident column tiles")
+                f"h {h / 1e9:.1f} GB, w {w / 1e9:.1f} GB, dz bf16 written {dz / 1e9:.2f} GB; L2 per launch "
+                f"(first): {text}: h {h_l2 / 1e9:.2f} GB, w {w_l2 / 1e9:.2f} GB over all launches")
 
     case.launches.append(Launch(
         f"head dlogits {bt}x{bv}x{bk}",
         (HEAD, "head_dlogits_kernel",
          dict(h_ptr="*bf16", w_ptr="*bf16", inv_temp="fp32", tgt_ptr="*i64", g_lp_ptr="*fp32", g_lse_ptr="*fp32",
-              g_ent_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32", dz_ptr="*fp32"),
-         dict(BT=bt, BV=bv, BK=bk, FP32_INPUTS=False, COMPENSATE=_compensate()), warps, 3,
+              g_ent_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32", dz_ptr="*bf16"),
+         dict(BT=bt, BV=bv, BK=bk, FP32_INPUTS=False, COMPENSATE=cfg["compensate"], GROUP_T=group_t),
+         cfg["warps"], 3,
          ("h_ptr", "w_ptr", "tgt_ptr", "dz_ptr", "rows", "cols", "v0", "K", "stride_h", "stride_w", "stride_dz")),
-        (ttiles, cdiv(BACKWARD_VOCAB_CHUNK, bv)), ttiles * vtiles, ttiles * vtiles * ksteps,
+        (ttiles * cdiv(BACKWARD_VOCAB_CHUNK, bv),), ttiles * vtiles, ttiles * vtiles * ksteps,
         f"K loop {ksteps} trips × {ttiles * vtiles} programs over {chunks} vocabulary chunks × {rblocks} row "
         f"blocks (one launch each)", 2 * T * VOCAB * HIDDEN, f,
         "recomputes the logits (2·T·V·hidden, compared with that); the two gradient GEMMs run in cuBLAS "
         "(torch.mm) and are not read here"))
-    case.notes = (f"{chunks * rblocks} launches of grid ({ttiles}, {cdiv(BACKWARD_VOCAB_CHUNK, bv)}); "
-                  "only the Triton kernel is modeled; the op's counted FLOPs include 4·T·V·hidden in cuBLAS")
+    case.notes = (f"{chunks * rblocks} launches of {ttiles * cdiv(BACKWARD_VOCAB_CHUNK, bv)} programs (grouped, "
+                  f"{group_t} token tiles); only the Triton kernel is modeled; the op's counted FLOPs include "
+                  "4·T·V·hidden in cuBLAS")
     return case
 
 
@@ -789,7 +822,7 @@ def all_cases() -> list[OpCase]:
             for dt in ("bf16", "int8"):
                 out.append(moe(T, inter, dt))
     out += [route(1), route(4096)]
-    out += [head_forward(8192), head_backward(8192)]
+    out += [head_forward(8192), head_forward(8192, compensate=True), head_backward(8192)]
     out += [moe_backward(4096, 9216)]
     out += [lightning_backward(1, 32768), lightning_backward(1, 1 << 20, heads=8)]
     return out
