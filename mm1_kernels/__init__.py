@@ -14,6 +14,7 @@ from ._dispatch import (
                         triton_interpret_enabled,
 )
 from ._nvtx import nvtx_range
+from .dense import invariant_linear, invariant_pointwise, invariant_sum
 from .head import (
                         HeadOutput,
                         cispo_loss,
@@ -24,7 +25,14 @@ from .head import (
                         head_sample,
                         sample_from_logits,
 )
-from .lightning import lightning_attention, lightning_attention_reference, lightning_decode, lightning_slopes
+from .lightning import (
+                        LIGHTNING_CHUNK,
+                        lightning_attention,
+                        lightning_attention_reference,
+                        lightning_chunk_cache_step,
+                        lightning_decode,
+                        lightning_slopes,
+)
 from .moe import (
                         dequantize_moe_weight,
                         fused_moe,
@@ -42,8 +50,10 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "available_backends", "registered_ops",
     "resolve_backend", "triton_interpret_enabled", "nvtx_range",
     "lightning_attention", "lightning_decode", "lightning_slopes", "lightning_attention_reference",
+    "lightning_chunk_cache_step", "LIGHTNING_CHUNK",
     "moe_route", "fused_moe", "quantize_moe_weights", "moe_route_reference",
     "fused_moe_reference", "moe_block_reference", "dequantize_moe_weight",
     "HeadOutput", "head_logprobs", "head_sample", "cispo_loss", "head_cispo_loss", "head_logprobs_reference",
     "head_logits", "sample_from_logits",
+    "invariant_linear", "invariant_pointwise", "invariant_sum",
 ]

@@ -5,12 +5,19 @@ size does not grow with the context); softmax layers keep keys and values for ev
 up to ``max_len``, so a slot holds at most ``max_len`` tokens (prompt plus generated; the model
 refuses more). ``lengths[s]`` is how many tokens slot s has seen; it lives on the host,
 because the model needs it to size attention and to place new tokens without reading the GPU.
+
+A consistent-mode cache (``consistent=True``, docs/m1_math.md §3.6) keeps, per lightning layer
+and slot, the state at the sequence's last 64-token chunk boundary instead of after its last
+token, plus that partial chunk's k and v (``[64, H, D]`` each, in the cache dtype; row i is the
+token at position ``boundary + i``, ``lengths[s] % 64`` rows in use).
 """
 from __future__ import annotations
 
 from typing import List, Sequence
 
 import torch
+
+import mm1_kernels as mk
 
 from .checks import as_int, as_size
 from .config import MiniMaxM1Config
@@ -50,6 +57,10 @@ class MiniMaxM1Cache:
         # One tensor per kind; a layer's slice [S, ...] is contiguous, as the kernels require.
         self.lightning_states = torch.zeros(len(lightning), num_slots, H, D, D,
                                             dtype=torch.float32, device=device)
+        # Consistent mode: each slot's partial chunk (k and v of the tokens since the boundary).
+        chunk = mk.LIGHTNING_CHUNK if consistent else 0
+        self.partial_keys = torch.zeros(len(lightning), num_slots, chunk, H, D, dtype=dtype, device=device)
+        self.partial_values = torch.zeros_like(self.partial_keys)
         self.keys = torch.zeros(len(softmax), num_slots, max_len, KVH, D, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.lengths: List[int] = [0] * num_slots
@@ -58,15 +69,27 @@ class MiniMaxM1Cache:
         """fp32 ``[S, H, D, D]`` lightning states of GLOBAL layer ``layer_idx``."""
         return self.lightning_states[self._lightning_index[layer_idx]]
 
+    def partial_chunk(self, layer_idx: int):
+        """``(keys, values)``, each ``[S, 64, H, D]``, the partial chunks of lightning layer
+        ``layer_idx`` (consistent mode only)."""
+        if not self.consistent:
+            raise ValueError("this cache keeps no partial chunks: make it with consistent=True "
+                             "(model.new_cache of a consistent-mode model)")
+        n = self._lightning_index[layer_idx]
+        return self.partial_keys[n], self.partial_values[n]
+
     def kv(self, layer_idx: int):
         """``(keys, values)``, each ``[S, max_len, KVH, D]``, of softmax layer ``layer_idx``."""
         n = self._softmax_index[layer_idx]
         return self.keys[n], self.values[n]
 
     def check_fits(self, config: MiniMaxM1Config, device: torch.device, name: str = "cache",
-                   num_heads=None, num_kv_heads=None) -> None:
+                   num_heads=None, num_kv_heads=None, consistent=None) -> None:
         """ValueError unless this cache was made for ``config``'s layers and shapes (with these
-        local heads), on ``device``."""
+        local heads), on ``device`` (and, when ``consistent`` is given, for that mode)."""
+        if consistent is not None and consistent != self.consistent:
+            raise ValueError(f"{name} was made with consistent={self.consistent}, the model runs with "
+                             f"consistent={consistent}: make the cache with model.new_cache")
         ids = config.layer_ids
         want = (tuple(i for i in ids if config.is_lightning(i)), tuple(i for i in ids if not config.is_lightning(i)),
                 *_heads(config, num_heads, num_kv_heads))
@@ -86,4 +109,5 @@ class MiniMaxM1Cache:
             self.lengths[s] = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.lightning_states, self.keys, self.values))
+        return sum(t.numel() * t.element_size() for t in (self.lightning_states, self.partial_keys,
+                                                           self.partial_values, self.keys, self.values))

@@ -26,11 +26,15 @@ from .backends import check_backend, op_backend
 from .cache import MiniMaxM1Cache
 from .checks import as_id_tensor, as_int, prompt_list, slot_list, token_ids
 from .config import MiniMaxM1Config
+from .consistent import activation, linear, rms_norm_consistent, softmax_attention
 from .generation import generate as _generate
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """M1's RMSNorm: normalize in fp32, round to x's dtype, then scale."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, consistent: bool = False) -> torch.Tensor:
+    """M1's RMSNorm: normalize in fp32, round to x's dtype, then scale. ``consistent``: each
+    row reduced in a fixed order (``consistent.rms_norm_consistent``)."""
+    if consistent:
+        return rms_norm_consistent(x, weight, eps)
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -51,8 +55,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x, consistent: bool = False):
+        return rms_norm(x, self.weight, self.eps, consistent)
 
 
 def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -115,9 +119,17 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D)
+        # In consistent mode projections, silu, sigmoid and the norm take model/consistent.py's
+        # fixed-order forms (the default mode's fast paths otherwise).
+        qkv = activation(F.silu, linear(x, self.qkv_proj, step), step).view(B, T, H, 3 * D)
         q, k, v = qkv.split(D, dim=-1)  # views; the kernels need unit stride only in the last dim
-        if step.mode == "decode":
+        if step.mode != "full" and step.cache.consistent != step.consistent:
+            # The two modes keep different states in a slot (consistent: at the chunk boundary).
+            raise ValueError(f"cache was made with consistent={step.cache.consistent}, the model runs with "
+                             f"consistent={step.consistent}: make the cache with model.new_cache")
+        if step.consistent and step.mode != "full":
+            o = self._consistent_step(q, k, v, step)
+        elif step.mode == "decode":
             o = mk.lightning_decode(q, k, v, self.slopes, step.cache.state(self.layer_idx),
                                     step.slots, backend=step.backend_for("lightning_decode"))
         elif step.mode == "prefill":
@@ -127,9 +139,28 @@ class LightningAttention(nn.Module):
                                           state_cache=step.cache.state(self.layer_idx), slot_ids=step.slots,
                                           backend=step.backend_for("lightning_attention"))
         else:
-            o, _ = mk.lightning_attention(q, k, v, self.slopes, backend=step.backend_for("lightning_attention"))
-        y = self.norm(o.reshape(B, T, H * D)) * torch.sigmoid(self.output_gate(x))
-        return self.out_proj(y)
+            # Consistent mode: the single pass per sequence that the cache step reproduces.
+            o, _ = mk.lightning_attention(q, k, v, self.slopes, backend=step.backend_for("lightning_attention"),
+                                          consistent=step.consistent)
+        gate = activation(torch.sigmoid, linear(x, self.output_gate, step), step)
+        y = self.norm(o.reshape(B, T, H * D), step.consistent) * gate
+        return linear(y, self.out_proj, step)
+
+    def _consistent_step(self, q, k, v, step: StepInfo) -> torch.Tensor:
+        """Prefill or decode in consistent mode (docs/m1_math.md §3.6): the slot keeps the state at
+        the last chunk boundary and the partial chunk's k, v; each sequence's new tokens get
+        bitwise the outputs of the full-sequence forward."""
+        cache = step.cache
+        keys, values = cache.partial_chunk(self.layer_idx)
+        # Tokens each slot held before this call: the position of each sequence's first new token.
+        if step.mode == "decode":
+            cached, cu = step.positions[:, 0], None
+        else:
+            cached, cu = step.positions[0, step.cu_seqlens[:-1].long()], step.cu_seqlens
+        # The model built slots, offsets and positions itself and checked them on the host.
+        return mk.lightning_chunk_cache_step(q, k, v, self.slopes, cache.state(self.layer_idx), keys, values,
+                                             step.slots, cached, cu_seqlens=cu, check_ids=False,
+                                             backend=step.backend_for("lightning_chunk_cache_step"))
 
 
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -176,14 +207,17 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
         B, T, _ = x.shape
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D)
-        k = self.k_proj(x).view(B, T, KVH, D)
-        v = self.v_proj(x).view(B, T, KVH, D)
+        q = linear(x, self.q_proj, step).view(B, T, H, D)
+        k = linear(x, self.k_proj, step).view(B, T, KVH, D)
+        v = linear(x, self.v_proj, step).view(B, T, KVH, D)
         angles = step.positions.float()[..., None] * self.inv_freq       # [B, T, rd/2]
         angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = activation(torch.cos, angles, step), activation(torch.sin, angles, step)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         scale = 1.0 / math.sqrt(D)
+        if step.consistent and step.mode == "full":  # one attention function for every mode
+            o = softmax_attention(q, k, v, step.positions, scale)
+            return linear(o.reshape(B, T, H * D), self.o_proj, step)
         if step.mode == "full":
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, scale=scale, enable_gqa=True)
@@ -197,6 +231,10 @@ class SoftmaxAttention(nn.Module):
         kc = keys[slots, :step.kv_len].transpose(1, 2).to(q.dtype)      # [N, KVH, L, D]
         vc = values[slots, :step.kv_len].transpose(1, 2).to(q.dtype)
         qp = q.reshape(-1, H, D)[step.pad_gather]                        # [N, Tq, H, D]
+        if step.consistent:
+            o = softmax_attention(qp, keys[slots, :step.kv_len], values[slots, :step.kv_len], step.pad_pos, scale)
+            o = o.reshape(-1, H * D)[step.unpad]
+            return linear(o.view(B, T, H * D), self.o_proj, step)
         kpos = torch.arange(step.kv_len, device=x.device)
         mask = (kpos[None, None, :] <= step.pad_pos[..., None])[:, None]  # [N, 1, Tq, L]
         o = F.scaled_dot_product_attention(qp.transpose(1, 2), kc, vc, attn_mask=mask, scale=scale,
@@ -285,7 +323,11 @@ class SparseMoE(nn.Module):
     def forward(self, y: torch.Tensor, step: StepInfo) -> torch.Tensor:
         shape = y.shape
         y2 = y.reshape(-1, shape[-1])
-        logits = F.linear(y2.float(), self.gate.weight.float())          # router in fp32 (weight kept fp32)
+        if step.consistent:
+            logits = mk.invariant_linear(y2.float(), self.gate.weight.float(),
+                                         backend=step.backend_for("invariant_linear"))
+        else:
+            logits = F.linear(y2.float(), self.gate.weight.float())      # router in fp32 (weight kept fp32)
         topk_w, topk_ids = mk.moe_route(logits, top_k=self.top_k, renormalize=True,
                                         backend=step.backend_for("moe_route"))
         x = y2
@@ -295,7 +337,7 @@ class SparseMoE(nn.Module):
         # sync per layer).
         out = mk.fused_moe(x, self.w13, self.w2, topk_w, topk_ids, w13_scale=self.w13_scale,
                            w2_scale=self.w2_scale, backend=step.backend_for("fused_moe"),
-                           check_ids=False, expert_map=self.expert_map)
+                           check_ids=False, expert_map=self.expert_map, consistent=step.consistent)
         if self.tp is not None:  # partial sums of every rank's experts
             out = self.tp.reduce(out, "moe")
         return out.view(shape)
@@ -324,11 +366,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, step: StepInfo) -> torch.Tensor:
         kind = "lightning" if self.is_lightning else "softmax"
-        x = self.input_layernorm(h)
+        x = self.input_layernorm(h, step.consistent)
         with nvtx_range(f"mm1.layer{self.layer_idx}.{kind}"):
             a = self.self_attn(x, step)
         h = self.attn_alpha * (x if self.postnorm else h) + self.attn_beta * a
-        y = self.post_attention_layernorm(h)
+        y = self.post_attention_layernorm(h, step.consistent)
         with nvtx_range(f"mm1.layer{self.layer_idx}.moe"):
             m = self.block_sparse_moe(y, step)
         return self.mlp_alpha * (y if self.postnorm else h) + self.mlp_beta * m
@@ -353,7 +395,7 @@ class MiniMaxM1Model(nn.Module):
                 h = activation_checkpoint(layer, h, step, **self.checkpoint_kwargs)
             else:
                 h = layer(h, step)
-        return self.norm(h)
+        return self.norm(h, step.consistent)
 
 
 @dataclass

@@ -211,6 +211,18 @@ def test_triton_batch_invariant_and_deterministic():
             assert torch.equal(a, b[rows]), rows
 
 
+def test_torch_batch_invariant_at_a_long_vocabulary():
+    """The torch backend at a vocabulary long enough that torch would split one row's sum over
+    threads when the row is alone (V = 50,000; M1's is 200,064): a token's results must be
+    bitwise the same alone and among other rows."""
+    h, w, t = make_inputs(9, 50_000, 16, torch.float32, 30.0, seed=11)
+    full = mk.head_logprobs(h, w, t, backend="torch")
+    for rows in ([0], [4], [8], [2, 7]):
+        sub = mk.head_logprobs(h[rows], w, t[rows], backend="torch")
+        for a, b in zip(sub, full):
+            assert torch.equal(a, b[rows]), rows
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_against_fp64_autograd(backend, dtype, poison_outputs):

@@ -20,13 +20,15 @@ INTERPRET = mk.triton_interpret_enabled()  # conftest turns the interpreter on w
 EXPECTED = {
     "lightning_attention": {"torch", "triton", "cuda"},
     "lightning_decode": {"torch", "triton", "cuda"},
-    "moe_route": {"torch", "triton"},
-    "fused_moe": {"torch", "triton"},
-    "head_logprobs": {"torch", "triton"},
-    "head_sample": {"torch", "triton"},
-    "head_logits": {"torch", "triton"},
-    "head_cispo_loss": {"torch", "triton"},
+    "lightning_chunk_cache_step": {"torch", "triton"},
+    "moe_route": {"torch", "triton", "cuda"},
+    "fused_moe": {"torch", "triton", "cuda"},
+    "head_logprobs": {"torch", "triton", "cuda"},
+    "head_sample": {"torch", "triton", "cuda"},
+    "head_logits": {"torch", "triton", "cuda"},
+    "head_cispo_loss": {"torch", "triton", "cuda"},
     "cispo_loss": {"torch"},
+    "invariant_linear": {"torch", "triton"},
 }
 
 
@@ -87,7 +89,7 @@ def test_mm1_backend_overrides_the_automatic_choice(monkeypatch):
         assert mk.resolve_backend("cispo_loss", None, CPU) == "torch"  # it has no Triton backend
         assert mk.available_backends("moe_route", CPU)[0] == "torch"  # capability, not the override
     monkeypatch.setenv("MM1_BACKEND", "cuda")
-    assert mk.resolve_backend("head_logprobs", None, CPU) == "torch"  # no CUDA backend: automatic
+    assert mk.resolve_backend("cispo_loss", None, CPU) == "torch"  # no CUDA backend: automatic
     with pytest.raises(mk.BackendUnavailableError, match="needs CUDA tensors"):
         mk.resolve_backend("lightning_decode", None, CPU)  # implements it, cannot run it here
     # the ops themselves follow the same rule, and refuse before any work
@@ -97,6 +99,14 @@ def test_mm1_backend_overrides_the_automatic_choice(monkeypatch):
     monkeypatch.setenv("MM1_BACKEND", "fastest")
     with pytest.raises(ValueError, match="MM1_BACKEND='fastest'"):
         mk.resolve_backend("fused_moe", None, CPU)
+
+
+def test_head_cuda_backend_is_never_the_automatic_choice():
+    # csrc/head has no GPU run on record: backend=None tries it last, after the always-available
+    # torch backend, so only backend="cuda" (or MM1_BACKEND=cuda) runs it.
+    for op in ("head_logprobs", "head_sample", "head_logits", "head_cispo_loss"):
+        assert mk.available_backends(op)[-1] == "cuda", op
+        assert mk.available_backends(op).index("torch") < mk.available_backends(op).index("cuda"), op
 
 
 def test_nvtx_range_is_public_and_a_no_op_without_a_profiler():

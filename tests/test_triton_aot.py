@@ -35,18 +35,21 @@ def _cases():
             cases[f"prefill-{dtype}{tag}-{'local' if local else 'output'}"] = (
                 PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io(dtype)},
                 dict(C=64, BD=128, BV=bv_d, LOCAL_PASS=local, USE_SEG_STATE=not local, HAS_INIT=False,
-                     STORE_FINAL=not local, HAS_SLOTS=False, DOT_MODE=mode, EXACT_TILES=True), warps_d, stages_d,
+                     STORE_FINAL=not local, HAS_SLOTS=False, DOT_MODE=mode, EXACT_TILES=True,
+                     BOUNDARY_STATE=False), warps_d, stages_d,
                 PREFILL_ALIGNED)
     # One segment per sequence (the common case), and a head dim that is not a tile multiple
     # (masked tiles, D = 96 in a 128-wide tile).
     cases["prefill-bf16-single"] = (
         PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io("bf16")},
         dict(C=64, BD=128, BV=bv, LOCAL_PASS=False, USE_SEG_STATE=False, HAS_INIT=True,
-             STORE_FINAL=True, HAS_SLOTS=False, DOT_MODE="bf16", EXACT_TILES=True), warps, stages, PREFILL_ALIGNED)
+             STORE_FINAL=True, HAS_SLOTS=False, DOT_MODE="bf16", EXACT_TILES=True, BOUNDARY_STATE=False), warps,
+        stages, PREFILL_ALIGNED)
     cases["prefill-bf16-masked"] = (
         PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io("bf16")},
         dict(C=64, BD=128, BV=bv, LOCAL_PASS=False, USE_SEG_STATE=False, HAS_INIT=True,
-             STORE_FINAL=True, HAS_SLOTS=False, DOT_MODE="bf16", EXACT_TILES=False), warps, stages,
+             STORE_FINAL=True, HAS_SLOTS=False, DOT_MODE="bf16", EXACT_TILES=False, BOUNDARY_STATE=False), warps,
+        stages,
         PREFILL_ALIGNED)
     # The widest head (D = 256) must fit in an H100's shared memory too (launchable), for every dtype.
     for dtype in ("bf16", "fp32"):
@@ -54,13 +57,22 @@ def _cases():
         cases[f"prefill-{dtype}-D256-output"] = (
             PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io(dtype)},
             dict(C=64, BD=256, BV=bv_d, LOCAL_PASS=False, USE_SEG_STATE=True, HAS_INIT=False, STORE_FINAL=True,
-                 HAS_SLOTS=False, DOT_MODE="bf16" if dtype == "bf16" else "ieee", EXACT_TILES=True), warps_d,
+                 HAS_SLOTS=False, DOT_MODE="bf16" if dtype == "bf16" else "ieee", EXACT_TILES=True,
+                 BOUNDARY_STATE=False), warps_d,
             stages_d, PREFILL_ALIGNED)
     # Chunked prefill on a slot-indexed state cache: one pass that reads and writes the slots.
     cases["prefill-bf16-slots"] = (
         PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io("bf16")},
         dict(C=64, BD=128, BV=bv, LOCAL_PASS=False, USE_SEG_STATE=False, HAS_INIT=True,
-             STORE_FINAL=False, HAS_SLOTS=True, DOT_MODE="bf16", EXACT_TILES=True), warps, stages, PREFILL_ALIGNED)
+             STORE_FINAL=False, HAS_SLOTS=True, DOT_MODE="bf16", EXACT_TILES=True, BOUNDARY_STATE=False), warps,
+        stages, PREFILL_ALIGNED)
+    # Consistent mode's cache step (lightning_chunk_cache_step): the same pass, with the state
+    # stopping at the last chunk boundary.
+    cases["prefill-bf16-slots-boundary"] = (
+        PREFILL, "lightning_segment_kernel", {**PREFILL_PTRS, **_io("bf16")},
+        dict(C=64, BD=128, BV=bv, LOCAL_PASS=False, USE_SEG_STATE=False, HAS_INIT=True,
+             STORE_FINAL=False, HAS_SLOTS=True, DOT_MODE="bf16", EXACT_TILES=True, BOUNDARY_STATE=True), warps,
+        stages, PREFILL_ALIGNED)
     for slots in (False, True):
         cases["scan-slots" if slots else "scan"] = (
             PREFILL, "lightning_segment_scan_kernel",
@@ -95,7 +107,8 @@ def test_lightning_register_budget(lightning_stats):
     # fp16 passes. The bf16 passes sit at 255 registers: the fp32 state S^T [128, 128] alone is 64.
     for name in ("decode-bf16", "decode-fp32", "decode-bf16-tokens-states", "decode-fp32-tokens-states",
                  "prefill-bf16-output", "prefill-bf16-local", "prefill-bf16-single", "prefill-bf16-masked",
-                 "prefill-bf16-slots", "prefill-bf16-high-local", "prefill-fp16-local", "prefill-fp16-output",
+                 "prefill-bf16-slots", "prefill-bf16-slots-boundary",
+                 "prefill-bf16-high-local", "prefill-fp16-local", "prefill-fp16-output",
                  "scan", "scan-slots"):
         assert lightning_stats[name]["spill_bytes"] == 0, (name, lightning_stats[name])
     # precision="high" (three bf16 pairs): 48-76 B/thread spilled, values parked across the loop

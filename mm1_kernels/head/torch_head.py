@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dense.invariant import invariant_sum
 from .backward import BACKWARD_VOCAB_CHUNK, TORCH_BLOCK_ELEMENTS, head_backward_blocks
 from .reference import IGNORE_INDEX
 
@@ -21,14 +22,19 @@ def logit_stats(z: torch.Tensor, targets: torch.Tensor):
 
     Entropy is formed as ``log S - Σ e (z - m) / S`` with ``m`` the row max and
     ``e = exp(z - m)``: no cancellation between two ~|z| sized numbers.
+
+    The two sums over the vocabulary are pairwise trees of elementwise adds
+    (``invariant_sum``), not ``Tensor.sum``: torch splits a long reduction across threads when
+    few rows share the call (one row of V = 200,064 alone sums in a different order than the
+    same row among eight others), which would make a token's result depend on its batch.
     """
-    m = z.amax(dim=-1, keepdim=True)
+    m = z.amax(dim=-1, keepdim=True)  # exact in any order
     d = z - m
     e = d.exp()
-    s = e.sum(-1)
+    s = invariant_sum(e)
     log_s = s.log()
     lse = m[:, 0] + log_s
-    entropy = log_s - (e * d).sum(-1) / s
+    entropy = log_s - invariant_sum(e * d) / s
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     lp = d.gather(1, safe[:, None])[:, 0] - log_s

@@ -11,10 +11,20 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_cu_seqlens, check_same_dtype, check_slopes, check_slot_ids, check_tensor
+from .._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    can_check_device_values,
+    check_cu_seqlens,
+    check_same_dtype,
+    check_slopes,
+    check_slot_ids,
+    check_tensor,
+)
 from .._dispatch import INTERPRET_AT_IMPORT, TRITON_IMPORT_ERROR, register_op, resolve_backend
 from .._nvtx import annotate
 from . import reference
+from .consistent import CHUNK as CONSISTENT_CHUNK
 
 MAX_HEAD_DIM = 256
 # How the Triton prefill feeds bf16 inputs to the tensor cores (triton_prefill's docstring):
@@ -29,6 +39,13 @@ def check_precision(precision) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
+
+def _cuda_prefill_lacks(q: torch.Tensor, precision: str) -> bool:
+    """The CUDA prefill computes bf16 inputs in "default" precision only (csrc/README.md), so
+    under backend="cuda" a bf16 prefill with precision="high" runs the Triton kernel, which has
+    it (fp32/fp16 inputs ignore precision on every backend)."""
+    return precision == "high" and q.dtype == torch.bfloat16
+
 # Automatic choice on a GPU: Triton before the CUDA kernels until a GPU run has verified and
 # timed the CUDA path (so far it is compile-checked and verified in host emulation only);
 # backend="cuda" selects it explicitly.
@@ -36,23 +53,28 @@ register_op("lightning_attention", backends=("torch", "triton", "cuda"),
             cuda_op="lightning_prefill_cuda", gpu_order=("triton", "cuda", "torch"))
 register_op("lightning_decode", backends=("torch", "triton", "cuda"),
             cuda_op="lightning_decode_cuda", gpu_order=("triton", "cuda", "torch"))
+# Consistent mode's cache step has no CUDA-kernel form (the CUDA prefill cannot stop its state at
+# a chunk boundary): under backend="cuda" the model's step runs Triton, and so does
+# lightning_attention(..., consistent=True), so that both compute with one arithmetic.
+register_op("lightning_chunk_cache_step", backends=("torch", "triton"), gpu_order=("triton", "torch"))
 
 
 @torch.library.custom_op("mm1::lightning_attention", mutates_args=())
 def _lightning_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                             initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                             output_final_state: bool, backend: str,
-                            precision: str = "default") -> Tuple[torch.Tensor, torch.Tensor]:
+                            precision: str = "default", consistent: bool = False
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     check_precision(precision)
-    if backend == "triton":
+    if backend == "triton" or (backend == "cuda" and (consistent or _cuda_prefill_lacks(q, precision))):
         from .triton_prefill import lightning_prefill_triton
         o, final = lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state,
-                                            precision=precision)
+                                            precision=precision, consistent=consistent)
     elif backend == "cuda":
         o, final = torch.ops.mm1.lightning_prefill_cuda(q, k, v, slopes, initial_state, cu_seqlens,
                                                         output_final_state)
     else:
-        o, final = reference.lightning_chunked(q, k, v, slopes, initial_state, cu_seqlens)
+        o, final = reference.lightning_chunked(q, k, v, slopes, initial_state, cu_seqlens, consistent=consistent)
     if not output_final_state or final is None:
         final = q.new_empty(0, dtype=torch.float32)
     return o, final
@@ -69,7 +91,8 @@ def prefill_fake_outputs(q, v, cu_seqlens, output_final_state):
 
 
 @_lightning_attention_op.register_fake
-def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend, precision="default"):
+def _(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, backend, precision="default",
+      consistent=False):
     return prefill_fake_outputs(q, v, cu_seqlens, output_final_state)
 
 
@@ -111,7 +134,7 @@ def _(do, dfinal, q, k, v, slopes, initial_state, cu_seqlens, need_dinit, backen
 # The forward's inputs, in schema order. Every input gets a gradient slot (None for all but q, k,
 # v and initial_state), so arguments appended to the schema later need no change here.
 _FWD_INPUTS = ("q", "k", "v", "slopes", "initial_state", "cu_seqlens", "output_final_state", "backend",
-               "precision")
+               "precision", "consistent")
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,7 +172,8 @@ def _lightning_attention_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
                                    backend: str, precision: str = "default") -> Tuple[torch.Tensor, torch.Tensor]:
     check_precision(precision)
-    if backend == "triton":  # in place: the kernels index the cache through slot_ids
+    if backend == "triton" or (backend == "cuda" and _cuda_prefill_lacks(q, precision)):  # in place: the
+        # kernels index the cache through slot_ids
         from .triton_prefill import lightning_prefill_triton
         o, final = lightning_prefill_triton(q, k, v, slopes, None, cu_seqlens, output_final_state,
                                             state_cache=state_cache, slot_ids=slot_ids, precision=precision)
@@ -233,7 +257,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                         cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
                         state_cache: Optional[torch.Tensor] = None, slot_ids: Optional[torch.Tensor] = None,
-                        check_ids: bool = True, precision: str = "default"):
+                        check_ids: bool = True, precision: str = "default", consistent: bool = False):
     """Chunked lightning attention (prefill): ``o_t = q_t S_t``, ``S_t = exp(-s) S_{t-1} + k_t^T v_t``.
 
     Args:
@@ -271,7 +295,16 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
             bf16-accurate (~2e-3 relative, within 2× naive), in ``"high"`` ~2e-6. fp32 inputs
             always multiply in full fp32 and fp16 inputs in TF32 (exact for fp16, no fp16
             overflow of the state), whatever ``precision`` says; the torch backend (an fp64/fp32
-            reference) and the CUDA backend (TF32 tensor cores) ignore it.
+            reference) ignores it. The CUDA backend computes bf16 inputs in ``"default"``
+            (the same scheme on bf16 tensor cores, csrc/README.md) and fp32/fp16 like Triton;
+            ``"high"`` with bf16 inputs under ``backend="cuda"`` runs the Triton prefill.
+        consistent: consistent mode's canonical arithmetic (docs/m1_math.md §3.6): one pass per
+            sequence whatever the sizes (the Triton kernel never splits a sequence into
+            segments; the torch backend pads every chunk to 64 rows), so each token's output is
+            bitwise what :func:`lightning_chunk_cache_step` computes for it when the sequence is
+            prefilled and decoded in any pieces, in any batch. Under ``backend="cuda"`` it runs
+            the Triton kernels (the cache step has no CUDA form). Same backward. Excludes
+            ``state_cache`` (ValueError: use :func:`lightning_chunk_cache_step`).
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, Dv]`` in q's dtype; final_state fp32 ``[N, H, D, Dv]``
@@ -311,6 +344,11 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
                      device=device, contiguous=True)
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+    if not isinstance(consistent, bool):
+        raise TypeError(f"consistent must be a bool, got {type(consistent).__name__}")
+    if consistent and state_cache is not None:
+        raise ValueError("consistent=True excludes state_cache: a consistent-mode cache keeps the partial "
+                         "chunk's k, v as well; use lightning_chunk_cache_step")
     if slopes.requires_grad and torch.is_grad_enabled():
         # The backward treats the decays as constants: a gradient would silently be missing.
         raise RuntimeError("slopes require grad, but lightning_attention has no gradient for them (the "
@@ -320,7 +358,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
             raise ValueError("slot_ids needs state_cache (the slot-indexed state cache it indexes)")
         chosen = resolve_backend("lightning_attention", backend, device)
         o, final = torch.ops.mm1.lightning_attention(q, k, v, slopes, initial_state, cu_seqlens,
-                                                     output_final_state, chosen, precision)
+                                                     output_final_state, chosen, precision, consistent)
         return o, (final if output_final_state else None)
     check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
                  device=device, contiguous=True)
@@ -336,6 +374,120 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     o, final = torch.ops.mm1.lightning_attention_cached(q, k, v, slopes, state_cache, slot_ids, cu_seqlens,
                                                         output_final_state, chosen, precision)
     return o, (final if output_final_state else None)
+
+
+@torch.library.custom_op("mm1::lightning_chunk_cache_step", mutates_args=("state_cache", "partial_k", "partial_v"))
+def _lightning_chunk_cache_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                                   state_cache: torch.Tensor, partial_k: torch.Tensor, partial_v: torch.Tensor,
+                                   slot_ids: torch.Tensor, cached_lens: torch.Tensor, cu_seqlens: torch.Tensor,
+                                   backend: str, precision: str) -> torch.Tensor:
+    """Packed ``[1, T, H, ·]`` inputs with ``cu_seqlens``; returns o ``[1, T, H, Dv]``."""
+    from .consistent import chunk_cache_step
+    if backend == "triton":
+        from .triton_prefill import lightning_prefill_triton
+
+        def prefill(q2, k2, v2, cu2):
+            return lightning_prefill_triton(q2, k2, v2, slopes, None, cu2, False, state_cache=state_cache,
+                                            slot_ids=slot_ids, precision=precision, consistent=True,
+                                            boundary_state=True)[0]
+    else:
+        def chunked(q2, k2, v2, slopes, init, cu2):
+            return reference.lightning_chunked(q2, k2, v2, slopes, init, cu2, consistent=True, boundary_state=True)
+
+        def prefill(q2, k2, v2, cu2):
+            return reference.lightning_chunked_cached(q2, k2, v2, slopes, state_cache, slot_ids, cu2,
+                                                      prefill=chunked)[0]
+    return chunk_cache_step(q, k, v, slopes, state_cache, partial_k, partial_v, slot_ids, cached_lens,
+                            cu_seqlens, prefill)
+
+
+@_lightning_chunk_cache_step_op.register_fake
+def _(q, k, v, slopes, state_cache, partial_k, partial_v, slot_ids, cached_lens, cu_seqlens, backend, precision):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+@annotate("mm1.lightning_chunk_cache_step")
+def lightning_chunk_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                               state_cache: torch.Tensor, partial_k: torch.Tensor, partial_v: torch.Tensor,
+                               slot_ids: torch.Tensor, cached_lens: torch.Tensor,
+                               cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
+                               check_ids: bool = True, precision: str = "default") -> torch.Tensor:
+    """Consistent mode's lightning step on a slot cache: prefill, continued prefill and decode alike.
+
+    Each sequence's new tokens get bitwise the outputs that
+    ``lightning_attention(whole_sequence, consistent=True)`` gives them on the same backend
+    (and ``precision``), however the sequence is cut into calls and whatever else is in the
+    batch (docs/m1_math.md §3.6). A slot holds the fp32 state at the sequence's last chunk
+    boundary (a multiple of 64 tokens) and the k, v of the tokens since then (the partial
+    chunk); the step reruns the single-pass prefill over [partial chunk + new tokens] from that
+    state, advances the state over the chunks that completed and stores the new partial chunk.
+
+    Args:
+        q, k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]`` (one dtype; unit stride in the last dim):
+            the new tokens; ``[B, 1, H, D]`` is a decode step. With ``cu_seqlens`` packed,
+            ``B == 1``, as in :func:`lightning_attention`; without, row b is sequence b.
+        slopes: ``[H]`` fp32.
+        state_cache: fp32 ``[S, H, D, Dv]`` contiguous: each slot's state at its last chunk
+            boundary. A fresh sequence needs its slot zeroed (and ``cached_lens`` 0).
+        partial_k, partial_v: ``[S, 64, H, D]`` / ``[S, 64, H, Dv]`` contiguous, q's dtype: each
+            slot's partial chunk, row ``i`` the token at position ``boundary + i``.
+        slot_ids: int32/int64 ``[N]``, distinct (ValueError); negative = padding (zero outputs,
+            slot untouched).
+        cached_lens: int32/int64 ``[N]`` on q's device: tokens sequence n's slot has seen
+            before this call (its partial chunk holds ``cached_lens % 64`` of them). The caller
+            advances it by the new tokens afterwards.
+        cu_seqlens: as in :func:`lightning_attention`.
+        backend: ``"torch"``, ``"triton"`` or None (automatic: Triton on a GPU); each backend
+            reproduces its own ``lightning_attention(..., consistent=True)``.
+        check_ids: as in :func:`lightning_attention` (host checks of ``slot_ids``,
+            ``cu_seqlens`` and ``cached_lens >= 0``; ``False`` skips them, no host sync).
+        precision: as in :func:`lightning_attention` (Triton, bf16).
+
+    Returns ``o`` ``[B, T, H, Dv]`` in q's dtype. Updates ``state_cache``, ``partial_k`` and
+    ``partial_v`` in place; inference-only (RuntimeError if an input requires grad).
+
+    Cost per call and sequence (docs/m1_math.md §3.6): the partial chunk's ``cached_lens % 64``
+    rows are read and recomputed with the new ones, i.e. a decode step is one chunk of the
+    prefill (up to 64 rows) instead of one recurrence step. No host sync (static shapes, the
+    packed buffer has ``T + 63·N`` rows), so a decode step can be captured in a CUDA graph.
+    """
+    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
+    check_precision(precision)
+    B, T = q.shape[:2]
+    device = q.device
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"varlen input (cu_seqlens given) must be packed with B == 1, got B = {B}")
+        n = check_cu_seqlens(cu_seqlens, T, device, values=check_ids)
+    else:
+        n = B
+    check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
+                 device=device, contiguous=True)
+    S = state_cache.shape[0]
+    check_tensor("partial_k", partial_k, dtypes=(q.dtype,), shape=(S, CONSISTENT_CHUNK, H, D), device=device,
+                 contiguous=True)
+    check_tensor("partial_v", partial_v, dtypes=(q.dtype,), shape=(S, CONSISTENT_CHUNK, H, DV), device=device,
+                 contiguous=True)
+    check_slot_ids(slot_ids, n, S, device, values=check_ids)
+    check_tensor("cached_lens", cached_lens, dtypes=INDEX_DTYPES, shape=(n,), device=device, contiguous=True)
+    if check_ids and can_check_device_values(cached_lens) and bool((cached_lens < 0).any()):
+        raise ValueError(f"cached_lens must be >= 0, got {cached_lens.tolist()[:16]}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("slopes require grad, but lightning_chunk_cache_step is inference-only: pass "
+                           "slopes.detach()")
+    _check_no_grad("lightning_chunk_cache_step", q=q, k=k, v=v, state_cache=state_cache, partial_k=partial_k,
+                   partial_v=partial_v)
+    chosen = resolve_backend("lightning_chunk_cache_step", backend, device)
+    if B * T == 0:  # no new token: nothing to compute, the slots stay as they are
+        return q.new_empty(B, T, H, DV)
+    if cu_seqlens is None:  # rows as packed sequences
+        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
+        q, k, v = (x.reshape(1, B * T, H, x.shape[-1]) for x in (q, k, v))
+    else:
+        cu = cu_seqlens
+    o = torch.ops.mm1.lightning_chunk_cache_step(q, k, v, slopes, state_cache, partial_k, partial_v, slot_ids,
+                                                 cached_lens, cu, chosen, precision)
+    return o.view(B, T, H, DV)
 
 
 @annotate("mm1.lightning_decode")

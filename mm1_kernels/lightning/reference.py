@@ -107,7 +107,8 @@ def _causal_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
-                      chunk_size: int = 64, dtype: torch.dtype = torch.float32):
+                      chunk_size: int = 64, dtype: torch.dtype = torch.float32,
+                      consistent: bool = False, boundary_state: bool = False):
     """The chunked form, computed in ``dtype`` (fp32: the torch backend). Returns (o, final_state).
 
     For a block of m ≤ C tokens starting at c with incoming state S_in::
@@ -116,7 +117,19 @@ def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
         S_out   = λ^m S_in + Σ_{i<m} λ^(m-1-i) k_{c+i}^T v_{c+i}
 
     Only non-negative decay exponents appear. ``o`` is returned in q's dtype, states in fp32.
+
+    ``consistent`` (consistent mode, docs/m1_math.md §3.6): every block is padded with zero rows
+    to C rows and copied contiguous, so every product has one shape and layout whatever m and
+    the inputs' strides are; a row's output is then bitwise a function of its own q, its
+    block's k, v and S_in, the same whether later rows of the block exist or not.
+    ``boundary_state`` (needs ``consistent``): a sequence's trailing partial block does not
+    advance the state, so the final state is the one at its last block boundary.
     """
+    if boundary_state and not consistent:
+        raise ValueError("boundary_state needs consistent=True")
+    if consistent:
+        return _lightning_chunked_fixed(q, k, v, slopes, initial_state, cu_seqlens, chunk_size, dtype,
+                                        boundary_state)
     B, T, H, D = q.shape
     Dv = v.shape[-1]
     s = slopes.to(device=q.device, dtype=dtype)
@@ -142,6 +155,43 @@ def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
             o[b, c:c + m] = (_causal_matmul(scores, vc) + inter).transpose(0, 1).to(q.dtype)
             k_decay = torch.exp(-s[:, None, None] * (m - 1 - pos[:m])[None, :, None])
             S = torch.exp(-s * m)[:, None, None] * S + (kc * k_decay).transpose(1, 2) @ vc
+        final[n] = S.float()
+    return o, final
+
+
+def _lightning_chunked_fixed(q, k, v, slopes, initial_state, cu_seqlens, C, dtype, boundary_state):
+    """:func:`lightning_chunked` with every block padded to C rows (its ``consistent`` form)."""
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    s = slopes.to(device=q.device, dtype=dtype)
+    seqs = _sequences(T, B, cu_seqlens)
+    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
+    final = torch.empty(len(seqs), H, D, Dv, dtype=torch.float32, device=q.device)
+    pos = torch.arange(C, device=q.device, dtype=dtype)
+    diff = pos[:, None] - pos[None, :]                                        # j - i
+    causal = diff >= 0
+    intra_decay = torch.where(causal, torch.exp(-s[:, None, None] * diff.clamp(min=0)), 0.0)  # [H, C, C]
+    inter_decay = torch.exp(-s[:, None, None] * (pos + 1)[None, :, None])    # λ^(j+1) [H, C, 1]
+
+    def block(x, b, c, m):
+        # [H, C, ·] contiguous in dtype, rows past m zero.
+        out = torch.zeros(x.shape[2], C, x.shape[3], dtype=dtype, device=x.device)
+        out[:, :m] = x[b, c:c + m].transpose(0, 1)
+        return out
+
+    for n, (b, start, end) in enumerate(seqs):
+        S = (initial_state[n].to(dtype).contiguous() if initial_state is not None
+             else torch.zeros(H, D, Dv, dtype=dtype, device=q.device))
+        for c in range(start, end, C):
+            m = min(C, end - c)
+            qc, kc, vc = block(q, b, c, m), block(k, b, c, m), block(v, b, c, m)
+            scores = torch.where(causal, (qc @ kc.transpose(1, 2)) * intra_decay, 0.0)
+            inter = (qc @ S) * inter_decay
+            o[b, c:c + m] = (_causal_matmul(scores, vc) + inter)[:, :m].transpose(0, 1).to(q.dtype)
+            if m == C or not boundary_state:
+                # Padding rows of kc are zero; their exponent is clamped so no λ^-n appears.
+                k_decay = torch.exp(-s[:, None, None] * (m - 1 - pos).clamp(min=0)[None, :, None])
+                S = torch.exp(-s * m)[:, None, None] * S + (kc * k_decay).transpose(1, 2) @ vc
         final[n] = S.float()
     return o, final
 

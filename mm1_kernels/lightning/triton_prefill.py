@@ -54,6 +54,10 @@ no program reads a slot another program of the same launch writes. A negative sl
 skips all work: zero outputs, cache untouched. An out-of-range slot (host check skipped under
 graph capture) gives NaN outputs and leaves the cache untouched.
 
+Consistent mode (``BOUNDARY_STATE``, docs/m1_math.md §3.6): never split, and the state stops at
+each sequence's last chunk boundary (a trailing partial chunk does not advance it; a slot is
+written back only when a chunk completed), which ``lightning_chunk_cache_step`` keeps.
+
 Tile bases and state offsets are 64-bit (one 64-bit scalar base per chunk and tensor, 32-bit
 offsets inside the chunk), since ``T·H·D`` passes 2^31 at one million tokens. Decay exponents
 are never negative, so nothing overflows; ``λ^m`` underflows to 0 for fast heads, which is the
@@ -139,6 +143,22 @@ def _dot_fp32_rhs(a16, b32, acc, MODE: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _state_update(S, k, v, s, m, offs_c, C: tl.constexpr, DOT_MODE: tl.constexpr, BOUNDARY_STATE: tl.constexpr):
+    """S^T after a chunk of m tokens (rows of k, v past m loaded as zeros)."""
+    v_decay = tl.exp(-s * tl.maximum(m - 1 - offs_c, 0).to(tl.float32))
+    e = m
+    if BOUNDARY_STATE:
+        # A partial chunk (m < C) leaves S as it was: S · λ^0 + Σ 0 · k is S exactly (λ^0 is
+        # exactly 1, the products are zeros, no flush to zero in these kernels). Skipping the
+        # update behind a branch instead measured 188 B of spills (sm_90a, bf16); this none.
+        v_decay = tl.where(m == C, v_decay, 0.0)
+        e = tl.where(m == C, m, 0)
+    vd = tl.trans(v.to(tl.float32) * v_decay[:, None])
+    return _dot_fp32_lhs(vd, k, S * tl.exp(-s * e.to(tl.float32)),
+                         "bf16x2" if DOT_MODE == "bf16" else DOT_MODE)
+
+
 @interpreted_with_fixes
 @triton.jit
 def lightning_segment_kernel(
@@ -157,7 +177,7 @@ def lightning_segment_kernel(
     C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     LOCAL_PASS: tl.constexpr, USE_SEG_STATE: tl.constexpr,
     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, HAS_SLOTS: tl.constexpr,
-    DOT_MODE: tl.constexpr, EXACT_TILES: tl.constexpr,
+    DOT_MODE: tl.constexpr, EXACT_TILES: tl.constexpr, BOUNDARY_STATE: tl.constexpr,
 ):
     # One program per (segment, head, value tile), value tile fastest: the value tiles of one
     # (segment, head) share q and k and are adjacent in launch order (one 1-D grid: no 65,535
@@ -285,10 +305,7 @@ def lightning_segment_kernel(
         # bf16 modes: the state is fp32 by contract (1e-5), and one bf16 rounding of them would
         # cost ~1e-3 of it. Decaying V (an A operand, from registers) rather than K (a B
         # operand, through shared memory) measured fewer registers.
-        v_decay = tl.exp(-s * tl.maximum(m - 1 - offs_c, 0).to(tl.float32))
-        vd = tl.trans(v.to(tl.float32) * v_decay[:, None])
-        S = _dot_fp32_lhs(vd, k, S * tl.exp(-s * m.to(tl.float32)),
-                          "bf16x2" if DOT_MODE == "bf16" else DOT_MODE)
+        S = _state_update(S, k, v, s, m, offs_c, C, DOT_MODE, BOUNDARY_STATE)
         k_rows += C * stride_kt
         v_rows += C * stride_vt
 
@@ -306,6 +323,11 @@ def lightning_segment_kernel(
                 tl.store(final_state_ptr + (seq_end * H + h) * D * DV + out_offs, S, mask=out_mask)
             if HAS_SLOTS:  # back into the sequence's slot, in place
                 slot_end = tl.load(slot_ptr + seq_end).to(tl.int64)
+                if BOUNDARY_STATE:
+                    # A call that completes no chunk (most decode steps) leaves the boundary
+                    # state as it was: skip its write (H·D·Dv·4 bytes per slot).
+                    span = tl.load(seg_meta_ptr + g * 4 + 3) - tl.load(seg_meta_ptr + g * 4 + 2)
+                    out_mask = out_mask & (span >= C)
                 tl.store(init_state_ptr + (slot_end * H + h) * D * DV + out_offs, S, mask=out_mask)
 
 
@@ -438,7 +460,8 @@ def prefill_tiles(dv: int, d: int, dtype: torch.dtype = torch.bfloat16) -> tuple
 
 def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state,
                              segment_len: int | None = None, *, state_cache=None, slot_ids=None,
-                             precision: str = "default"):
+                             precision: str = "default", consistent: bool = False,
+                             boundary_state: bool = False):
     """Triton prefill on validated inputs; see ``mm1_kernels.lightning_attention``.
 
     ``segment_len`` (a multiple of 64) forces the split into segments; by default it is chosen
@@ -450,8 +473,18 @@ def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_
     is written back there in place: read by the single pass (or by the scan when split) and
     written by the sequence's last segment. A negative slot is a padding sequence: zero
     outputs (and a zero ``final`` entry), cache untouched.
+
+    ``consistent``: never split into segments, whatever the sizes (consistent mode: every
+    token's output is the single pass's arithmetic, docs/m1_math.md §3.6). ``boundary_state``
+    (needs ``consistent``): the final state is the state at each sequence's last chunk
+    boundary (a trailing partial chunk does not advance it; ``BOUNDARY_STATE``), what
+    ``lightning_chunk_cache_step`` keeps in its slots.
     """
     check_precision(precision)
+    if boundary_state and not consistent:
+        raise ValueError("boundary_state needs consistent=True (a single pass per sequence)")
+    if consistent and segment_len is not None:
+        raise ValueError("consistent=True never splits a sequence: segment_len must be None")
     B, T, H, D = q.shape
     DV = v.shape[-1]
     device = q.device
@@ -474,7 +507,8 @@ def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_
     BV, num_warps, num_stages = prefill_tiles(DV, D, q.dtype)
     nv = triton.cdiv(DV, BV)
     if segment_len is None:
-        segment_len = choose_segment_len(B * T, N, H, nv, H * D * DV * 4, device)
+        if not consistent:
+            segment_len = choose_segment_len(B * T, N, H, nv, H * D * DV * 4, device)
     elif segment_len % CHUNK or segment_len <= 0:
         raise ValueError(f"segment_len must be a positive multiple of {CHUNK}, got {segment_len}")
     meta, first, last = build_segments(bos, eos, rows, B * T if cu_seqlens is None else T, segment_len)
@@ -489,7 +523,7 @@ def lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_
     dot_mode = {torch.float32: "ieee", torch.float16: "tf32"}.get(q.dtype) or BF16_DOT_MODE[precision]
     common = dict(C=CHUNK, BD=BD, BV=BV, DOT_MODE=dot_mode, HAS_SLOTS=has_slots, num_warps=num_warps,
                   num_stages=num_stages,
-                  EXACT_TILES=(D == BD and DV % BV == 0))
+                  EXACT_TILES=(D == BD and DV % BV == 0), BOUNDARY_STATE=boundary_state)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
     grid = (G * H * nv,)
     if segment_len is None:

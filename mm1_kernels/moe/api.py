@@ -11,14 +11,19 @@ so torch.compile traces forward and backward as the head's op does.
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_tensor
-from .._dispatch import register_op, resolve_backend
+from .._dispatch import TRITON_IMPORT_ERROR, register_op, resolve_backend
 from .._nvtx import annotate
-from . import reference
+from . import cuda_ops, reference
 
-register_op("moe_route", backends=("torch", "triton"))
-register_op("fused_moe", backends=("torch", "triton"))
+# "cuda" (csrc/moe) runs only when asked for: no committed GPU measurement shows it faster than
+# Triton, so backend=None never picks it (it comes after torch, which always runs).
+register_op("moe_route", backends=("torch", "triton", "cuda"), cuda_op="moe_route_cuda",
+            gpu_order=("triton", "torch", "cuda"))
+register_op("fused_moe", backends=("torch", "triton", "cuda"), cuda_op="fused_moe_cuda",
+            gpu_order=("triton", "torch", "cuda"))
 # The routing kernel keeps a token's whole row of logits in registers.
 MAX_EXPERTS = 1024
 
@@ -26,6 +31,8 @@ MAX_EXPERTS = 1024
 @torch.library.custom_op("mm1::moe_route", mutates_args=())
 def _moe_route_op(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cuda":
+        return cuda_ops.moe_route_cuda(router_logits, top_k, renormalize)
     if backend == "triton":
         from .triton_route import moe_route_triton
         return moe_route_triton(router_logits, top_k, renormalize)
@@ -40,23 +47,60 @@ def _(router_logits, top_k, renormalize, backend):
             router_logits.new_empty(T, top_k, dtype=torch.int32))
 
 
+def _fused_moe_invariant_torch(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map):
+    """The torch backend in consistent mode: ``fused_moe_reference``'s arithmetic with every
+    token-count-dependent step made fixed. An expert's rows go through fixed-shape row blocks
+    (``invariant_linear``'s torch GEMM), silu through the vectorized path for every element,
+    and a token's k slots are added in slot order, as the Triton combine does."""
+    from ..dense.api import _linear_torch
+    from ..dense.invariant import invariant_pointwise
+    T, hidden = x.shape
+    E, two_i, _ = w13.shape
+    inter, k = two_i // 2, topk_ids.shape[1]
+    xf = x.float()
+    flat_w = topk_weights.reshape(-1).float()
+    rows = torch.zeros(T * k, hidden, dtype=torch.float32, device=x.device)
+    invalid, groups = reference._expert_groups(topk_ids, E, expert_map)
+    rows[invalid] = float("nan")
+    for e, entries in groups:
+        if w13.dtype == torch.int8:
+            g_u = reference.dequantize_moe_weight(w13[e], w13_scale[e], torch.float32)
+            down = reference.dequantize_moe_weight(w2[e], w2_scale[e], torch.float32)
+        else:
+            g_u, down = w13[e], w2[e]
+        gate_up = _linear_torch(xf.index_select(0, entries // k), g_u)
+        h = invariant_pointwise(F.silu, gate_up[:, :inter]) * gate_up[:, inter:]
+        rows[entries] = _linear_torch(h, down) * flat_w[entries, None]
+    rows = rows.view(T, k, hidden)
+    out = rows[:, 0]
+    for j in range(1, k):
+        out = out + rows[:, j]
+    return out.to(x.dtype).contiguous()
+
+
 @torch.library.custom_op("mm1::fused_moe", mutates_args=())
 def _fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor],
                   w2_scale: Optional[torch.Tensor], backend: str,
-                  expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  expert_map: Optional[torch.Tensor] = None, consistent: bool = False) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
+    if backend == "cuda":  # one tile shape for every T: batch invariant, consistent or not
+        return cuda_ops.fused_moe_cuda(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map)
     if backend == "triton":
+        from .tile_configs import CONSISTENT_CONFIG
         from .triton_fused_moe import fused_moe_triton
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map,
+                                config=CONSISTENT_CONFIG if consistent else None)
+    if consistent:
+        return _fused_moe_invariant_torch(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map)
     return reference.fused_moe_reference(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
                                          compute_dtype=torch.float32,
                                          expert_map=expert_map).to(x.dtype).contiguous()
 
 
 @_fused_moe_op.register_fake
-def _(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map=None):
+def _(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map=None, consistent=False):
     return x.new_empty(x.shape)  # contiguous, as the op returns (fakes must match strides too)
 
 
@@ -113,7 +157,8 @@ def _fused_moe_backward_op(grad_out: torch.Tensor, x: torch.Tensor, w13: torch.T
     if x.shape[0] == 0:
         return (x.new_zeros(x.shape), w13.new_zeros(w13.shape) if want_w else x.new_empty(0),
                 w2.new_zeros(w2.shape) if want_w else x.new_empty(0), topk_weights.new_zeros(topk_weights.shape))
-    if backend == "triton":
+    # The cuda backend has no backward kernels of its own: on its GPU the Triton ones run.
+    if backend == "triton" or (backend == "cuda" and TRITON_IMPORT_ERROR is None):
         from .triton_backward import fused_moe_backward_triton
         dx, dw13, dw2, dtw = fused_moe_backward_triton(
             grad_out, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map, want_w)
@@ -135,7 +180,7 @@ def _(grad_out, x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend
 
 
 def _moe_setup_context(ctx, inputs, output):
-    x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map = inputs
+    x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, backend, expert_map, _consistent = inputs
     # Only the inputs are kept: the backward recomputes the routing metadata and the gate/up
     # pre-activations (see triton_backward for the memory this saves).
     ctx.save_for_backward(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map)
@@ -149,7 +194,7 @@ def _moe_backward(ctx, grad_out):
         grad_out.contiguous(), x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
         ctx.backend, expert_map, bool(need[1] or need[2]))
     return (dx if need[0] else None, dw13 if need[1] else None, dw2 if need[2] else None,
-            dtw if need[3] else None, None, None, None, None, None)
+            dtw if need[3] else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("mm1::fused_moe", _moe_backward, setup_context=_moe_setup_context)
@@ -164,7 +209,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int = 2, renormalize: bool = T
         router_logits: ``[T, E]`` fp32 (bf16/fp16 are upcast first; the softmax is fp32).
         top_k: experts per token, ``1 <= top_k <= E`` (M1: 2).
         renormalize: divide the k probabilities by their sum (M1: True).
-        backend: ``"torch"``, ``"triton"`` or None (automatic; see ``_dispatch``).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` (the CUDA C++ kernel of ``csrc/moe``;
+            only when asked for) or None (automatic; see ``_dispatch``).
 
     Returns:
         ``(topk_weights, topk_ids)``: fp32 ``[T, k]`` and int32 ``[T, k]``, in decreasing
@@ -258,7 +304,8 @@ def _check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, che
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
               w2_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-              check_ids: bool = True, *, expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+              check_ids: bool = True, *, expert_map: Optional[torch.Tensor] = None,
+              consistent: bool = False) -> torch.Tensor:
     """The experts of an M1 MoE block and the weighted top-k sum.
 
     ``y[t] = Σ_j topk_weights[t, j] · W2[e] (silu(W1[e] x[t]) * W3[e] x[t])``, ``e = topk_ids[t, j]``.
@@ -275,7 +322,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             when ``expert_map`` is given.
         w13_scale, w2_scale: fp32 ``[E, 2I]`` and ``[E, hidden]`` per-output-channel scales of int8
             weights (:func:`quantize_moe_weights`); ``w ≈ w_q * scale[..., None]``. Any strides.
-        backend: ``"torch"``, ``"triton"`` or None (automatic; see ``_dispatch``).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic; see ``_dispatch``).
+            ``"cuda"`` (``csrc/moe``: mma.sync grouped GEMMs) runs only when asked for, and needs
+            bf16/fp16 ``x`` and 16-byte aligned rows (``cuda_ops.check_fused_moe_cuda_args``);
+            its backward runs the Triton kernels.
         check_ids: verify on the host that every id is in ``[0, E)`` (with a map: ids in
             ``[0, len(expert_map))`` and map values in ``[-1, E)``). On a GPU that read is a
             host synchronization per call (80 per forward in M1, one per layer); callers whose
@@ -288,9 +338,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             full MoE. The map is applied on the device inside the alignment kernel: non-local
             slots are dropped before the GEMMs, no host sync, grids still sized from shapes.
 
+        consistent: batch invariant (consistent mode of ``mm1_model``): a token's output does not
+            depend on the other tokens or their count. Triton: the fixed tiles of
+            ``tile_configs.CONSISTENT_CONFIG`` for every T (its 16-row tiles are also the decode
+            path's, so decode and prefill agree); torch: fixed-shape row blocks per expert.
+
     Returns ``y [T, hidden]`` in x's dtype. Accumulation is fp32; deterministic (no atomics).
-    Not batch invariant in the last bits: the Triton tiles (hence the K accumulation order)
-    follow the token-count bucket of ``triton_fused_moe.moe_config``.
+    By default not batch invariant in the last bits: the Triton tiles (hence the K accumulation
+    order) follow the token-count bucket of ``triton_fused_moe.moe_config``, and the torch GEMMs
+    follow each expert's row count; ``consistent=True`` fixes both.
 
     Differentiable w.r.t. ``x``, ``w13``, ``w2`` and ``topk_weights`` (int8 experts: ``x`` and
     ``topk_weights`` only; the weights are frozen and scales that require grad are an error).
@@ -313,9 +369,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                 raise ValueError(f"{name} requires grad, but int8 expert weights are frozen: "
                                  f"fused_moe differentiates x and topk_weights only; detach "
                                  f"the scales or train the unquantized weights")
+    if not isinstance(consistent, bool):
+        raise TypeError(f"consistent must be a bool, got {type(consistent).__name__}")
     chosen = resolve_backend("fused_moe", backend, x.device)
+    if chosen == "cuda":
+        cuda_ops.check_fused_moe_cuda_args(x, w13, w2)
     return torch.ops.mm1.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, chosen,
-                                   expert_map)
+                                   expert_map, consistent)
 
 
 def quantize_moe_weights(w13: torch.Tensor, w2: torch.Tensor):

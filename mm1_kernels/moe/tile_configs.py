@@ -61,6 +61,13 @@ WEIGHT_DTYPES = ("bf16", "fp16", "int8")
 SMEM_BUDGET = 160 * 1024
 
 
+# Consistent mode (``fused_moe(..., consistent=True)``): one configuration for every token count,
+# so a token's K accumulation order never follows the batch. BLOCK_M 16 is the decode path's
+# row tile (``DIRECT``: one entry per 16-row tile), so decode and prefill run the same tiles.
+CONSISTENT_CONFIG = {"BLOCK_M": 16, "BLOCK_N1": 64, "BLOCK_K1": 64, "BLOCK_N2": 64, "BLOCK_K2": 64,
+                     "num_warps": 4, "num_stages": 3, "GROUP_M": 16}
+
+
 def device_file(device_name: str, weight_dtype: str) -> Path:
     """Where ``bench.tune_moe`` writes (and the lookup reads) a device's measured table."""
     if weight_dtype not in WEIGHT_DTYPES:

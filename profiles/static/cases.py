@@ -129,7 +129,7 @@ def lightning_prefill(B: int, T: int, heads: int = H, precision: str = "default"
     qk_tile, v_tile = CHUNK * D * 2, CHUNK * bv * 2  # bytes of one chunk of q (or k), of v (or o)
     state_slice = D * bv * 4
     base = dict(C=CHUNK, BD=D, BV=bv, HAS_SLOTS=False, DOT_MODE=P.BF16_DOT_MODE[precision],
-                EXACT_TILES=D % bv == 0)
+                EXACT_TILES=D % bv == 0, BOUNDARY_STATE=False)
 
     def seg_kernel(local, use_seg, final):
         return (PREFILL, "lightning_segment_kernel", PREFILL_PTRS,
