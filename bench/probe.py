@@ -42,7 +42,9 @@ check over its tolerance), ``timed_out`` (killed at its budget; what it finished
                              when importable), fused_moe T=4096 I=1152 (mm1 triton, torch._grouped_mm)
     graphs               30  lightning decode B=1, 64 (triton, cuda) and a MoE decode step T=1
                              (moe_route + fused_moe, bf16 and int8): eager vs CUDA-graph replay
-    tests                60  pytest tests/test_lightning_cuda.py -m "not slow" -k "not compute_sanitizer"
+    tests                60  pytest tests/test_lightning_cuda.py tests/test_moe_cuda.py
+                             tests/test_head_cuda.py -m "not slow" -k "not compute_sanitizer"
+                             (the CUDA C++ backends vs fp64; counts stream, so a timeout keeps them)
 
 Worst case: env 20 + max(background 235, correctness + ceilings 230) + the rest 280 = 535 s
 (asserted below 540 at import), and a global deadline (525 s after the start) trims any stage's
@@ -122,7 +124,7 @@ PHASE_B = [  # after the build
     Stage("timings_fla", 35, False, what="fla-core peers of lightning (when importable)"),
     Stage("timings_backward", 25, False, what="forward+backward: lightning and fused_moe, mm1 and peers"),
     Stage("graphs", 30, True, what="eager vs CUDA-graph replay of decode steps"),
-    Stage("tests", 60, True, True, "pytest tests/test_lightning_cuda.py, no sanitizer"),
+    Stage("tests", 60, True, True, "pytest of the CUDA backends (lightning, moe, head), no sanitizer"),
 ]
 STAGES = [ENV, WHEELS, BUILD] + PHASE_A + PHASE_B
 BACKGROUND_S = WHEELS.budget_s + BUILD.budget_s
@@ -692,13 +694,17 @@ def stage_graphs(w: Worker) -> None:
         raise RuntimeError("a graph item failed (see data.graphs)")
 
 
+# The CUDA C++ backends' GPU tests, in the order they run (lightning first: the oldest kernels).
+CUDA_TEST_FILES = ("tests/test_lightning_cuda.py", "tests/test_moe_cuda.py", "tests/test_head_cuda.py")
+
+
 def stage_tests(w: Worker) -> None:
     if not w.cuda:
         raise Skip("the CUDA backend's tests need a GPU")
     why = _cuda_backend_unavailable()
     if why:
         raise Skip(why)
-    cmd = [sys.executable, "-m", "pytest", "tests/test_lightning_cuda.py", "-m", "not slow",
+    cmd = [sys.executable, "-m", "pytest", *CUDA_TEST_FILES, "-m", "not slow",
            "-k", "not compute_sanitizer", "-v", "-rfEs", "-p", "no:cacheprovider",
            f"--junitxml={w.work / 'tests_junit.xml'}"]
     w.data["command"] = " ".join(cmd)

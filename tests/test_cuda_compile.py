@@ -25,9 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
 # Kernels whose every byte of local memory would cost bandwidth: no stack frame allowed.
-HOT_KERNELS = ("lightning_decode_kernel", "lightning_prefill_kernel")
+HOT_KERNELS = ("lightning_decode_kernel", "lightning_prefill_kernel", "lightning_prefill_bf16_kernel",
+               "head_stats_kernel", "head_dlogits_kernel")
 ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]
-NVCC_FLAGS = ["-std=c++20", "-O3", "--use_fast_math", "-lineinfo", *ARCH_FLAGS]  # as setup.py
+# As setup.py, plus the defines torch's CUDAExtension adds to every nvcc call (its
+# COMMON_NVCC_FLAGS): they remove __half/__nv_bfloat16 operators and conversions, so code that
+# compiles without them can still fail in the real build.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+NVCC_FLAGS = ["-std=c++20", "-O3", "--use_fast_math", "-lineinfo", *TORCH_NVCC_DEFINES, *ARCH_FLAGS]
 
 
 def _find_nvcc() -> str | None:

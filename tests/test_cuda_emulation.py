@@ -1,21 +1,28 @@
 """CPU emulation of the CUDA lightning kernels (no GPU, only g++ and the CUDA headers).
 
-At test time ``tests/cuda_emulation/gen.py`` copies ``lightning_prefill_kernel`` and
-``lightning_decode_kernel`` out of the CURRENT ``csrc/lightning/`` sources. Only the two inline-asm
-bodies change (``cvt.rna.tf32.f32`` and ``mma.sync.m16n8k8 .tf32``), to calls into an emulation
-written from the PTX ISA fragment layouts (``tests/cuda_emulation/emu_runtime.h``). If those asm
-bodies, the kernel names or the shared-memory declarations are not found as expected, generation
-fails with a message naming what to update; stale code is never tested silently.
+At test time ``tests/cuda_emulation/gen.py`` copies ``lightning_prefill_kernel`` (fp32/fp16,
+TF32), ``lightning_prefill_bf16_kernel`` (bf16) and ``lightning_decode_kernel`` out of the CURRENT
+``csrc/lightning/`` sources. Only the inline-asm bodies change (``cvt.rna.tf32.f32``,
+``mma.sync`` m16n8k8 .tf32 and m16n8k16 .bf16, ``ldmatrix`` .x4 and .x4.trans, ``cp.async``
+16-byte copies with commit/wait), to calls into an emulation written from the PTX ISA fragment
+layouts (``tests/cuda_emulation/emu_runtime.h``). If those asm bodies, the kernel names or the
+shared-memory declarations are not found as expected, generation fails with a message naming
+what to update; stale code is never tested silently.
 The test drivers (``test_prefill.cpp``, ``test_decode.cpp``) are built with
 ``g++ -O2 -fsanitize=address,undefined``. One CTA runs as 256 host threads, with barriers
-standing in for ``__syncthreads``, ``mma.sync`` and ``__shfl_xor_sync``. Every case prints an
-``EMU_RESULT {json}`` line, and the thresholds are asserted here.
+standing in for ``__syncthreads``, ``mma.sync``, ``ldmatrix`` and ``__shfl_xor_sync``.
+``cp.async`` copies are deferred to the ``cp.async.wait_group`` that covers them, so a missing or
+too shallow wait leaves NaN poison or a stale tile in shared memory. ``ldmatrix`` and ``cp.async``
+addresses must be 16-byte aligned and inside the dynamic shared memory (abort otherwise). Every
+case prints an ``EMU_RESULT {json}`` line, and the thresholds are asserted here.
 
 What it catches:
 - wrong fragment/tile indices, masks, decay exponents, strides or offsets: outputs and states
   are compared with an fp64 recurrence. Limits: fp32 o and states <= 1e-5 relative. bf16/fp16 o
-  <= 1e-2. Prefill final states <= 1e-5 for every dtype (the fp32-state contract: the kernel
-  splits the decayed keys of the state update into TF32 hi + lo); decode states stay fp32
+  <= 1e-2 and <= 2x the error of rounding the exact o to the dtype once (the naive error; the
+  bf16 kernel rounds the state and the decayed scores to bf16 once, Triton's "default").
+  Prefill final states <= 1e-5 for every dtype (the fp32-state contract: the kernels split the
+  decayed keys of the state update into hi + lo, TF32 or bf16); decode states stay fp32
   throughout, so <= 1e-5 there too.
 - reads of shared memory that was never written: dynamic and static smem are NaN-filled before
   every block, so such a read makes the result non-finite.
@@ -32,13 +39,19 @@ What it catches:
   ``test_tsan_catches_injected_missing_barrier`` requires TSan to report a race when the
   end-of-chunk ``__syncthreads`` is dropped (mutation ``drop_state_barrier``).
 - the harness itself: ``test_harness_catches_injected_fragment_bug`` builds the prefill with a
-  wrong B-fragment index (``gen.py --mutation pv_b_fragment``) and requires the checks to fail.
+  wrong B-fragment index (``gen.py --mutation pv_b_fragment``) and requires the checks to fail;
+  ``test_harness_catches_bf16_kernel_bugs`` does the same for the bf16 kernel: a wrong ldmatrix
+  row address, a dropped or too shallow ``cp.async.wait_group``, and the decayed-key pair
+  reduced to one bf16 product.
   ``MM1_EMU_MUTATION=<name>`` runs the whole module on mutated kernels (see ``gen.MUTATIONS``).
 
 What it cannot catch: real tensor-core rounding and the fp32 accumulation order (the emulation
-accumulates each MMA in double), timing and performance, and the real GPU memory model: warp
-execution and independent thread scheduling beyond the modelled collectives,
-``ld/st.global.cs`` cache behaviour, and bank conflicts. It does not check register or
+accumulates each MMA in double, so an error that only fp32 accumulation would expose is
+invisible), timing and performance, and the real GPU memory model: warp execution and
+independent thread scheduling beyond the modelled collectives, ``ld/st.global.cs`` cache
+behaviour, bank conflicts (the ldmatrix padding is only asserted statically), and cp.async
+timing: the emulated copies land exactly at the wait, so a copy racing with a read from another
+thread between a wait and the missing barrier after it is seen only by TSan. It does not check register or
 shared-memory limits or the launch configuration (the host launch code and the C API are not
 emulated, and the grids are enumerated here), nor nvcc codegen (``--use_fast_math``). Races
 that TSan misses because the host threads happened to run in a benign order are missed too.
@@ -107,10 +120,14 @@ PREFILL_CASES = {
     "f32_varlen_cu32_clamp_h2": dict(dtype="float32", varlen=1, cu_bytes=4, seqs_empty=1),
     "f32_d192_dv40_dmax256": dict(dtype="float32", dmax=256, chunks=2),
     "f32_t0_init_to_final": dict(dtype="float32", chunks=0, has_init=1, has_final=1),
-    "bf16_d128_t130_fused": dict(dtype="bfloat16", dmax=128, vec4=1, chunks=3),
+    "bf16_d128_t130_fused": dict(dtype="bfloat16", dmax=128, bf16_kernel=1, async16=1, chunks=3),
     "f16_d24_dv132_cu32": dict(dtype="float16", varlen=1, cu_bytes=4, seqs_len1=1, has_init=0),
     "f16_d250_dv10_noinit_nofinal": dict(dtype="float16", dmax=256, vec4=0, has_init=0, has_final=0),
-    "bf16_d200_dv36_dmax256_cu64": dict(dtype="bfloat16", dmax=256, varlen=1, cu_bytes=8, seqs_len1=1),
+    "bf16_d200_dv36_dmax256_cu64": dict(dtype="bfloat16", dmax=256, bf16_kernel=1, async16=0, varlen=1, cu_bytes=8,
+                                        seqs_len1=1),
+    "bf16_d72_dv40_async_cu32_h2": dict(dtype="bfloat16", dmax=128, bf16_kernel=1, async16=1, varlen=1, cu_bytes=4,
+                                        seqs_empty=1, seqs_len1=1, chunks=3),
+    "bf16_d256_dv64_async_dmax256": dict(dtype="bfloat16", dmax=256, bf16_kernel=1, async16=1, chunks=4, has_init=0),
 }
 DECODE_CASES = {
     "f32_vec4_tpr32_i64": dict(dtype="float32", vec=4, tpr=32, slot_bytes=8, pad_rows=1, oob_rows=2, fused=1),
@@ -150,18 +167,30 @@ def _run(binary: Path, *args: str, env_extra: dict | None = None) -> tuple[dict[
     return results, p.stderr
 
 
+# bf16-kernel mutations (gen.MUTATIONS) -> (case they run on, the check that must fail).
+BF16_MUTATIONS = {
+    "bf16_ldsm_address": ("bf16_d72_dv40_async_cu32_h2", "o rel err"),
+    "bf16_drop_cp_async_wait": ("bf16_d72_dv40_async_cu32_h2", "non-finite"),
+    "bf16_cp_async_wait_depth": ("bf16_d72_dv40_async_cu32_h2", "non-finite|o rel err"),
+    "bf16_state_pair_lo": ("bf16_d72_dv40_async_cu32_h2", "final state rel err"),
+}
+
+
 @pytest.fixture(scope="session")
 def emu_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cuda_emulation")
     gen.generate(d / "gen", CSRC, MUTATION)
     gen.generate(d / "gen_mut", CSRC, "pv_b_fragment")
     gen.generate(d / "gen_race", CSRC, "drop_state_barrier")
+    for mutation in BF16_MUTATIONS:
+        gen.generate(d / f"gen_{mutation}", CSRC, mutation)
     return d
 
 
 TSAN_FLAGS = ["-O1", "-g", "-fsanitize=thread"]
 # ThreadSanitizer runs every decode case and the prefill cases below (multi-chunk, both DMAX).
-TSAN_PREFILL_CASES = ["f32_d37_dv29_scalar", "f32_d80_dv48_separate", "bf16_d200_dv36_dmax256_cu64"]
+TSAN_PREFILL_CASES = ["f32_d37_dv29_scalar", "f32_d80_dv48_separate", "bf16_d200_dv36_dmax256_cu64",
+                      "bf16_d72_dv40_async_cu32_h2"]
 TSAN_ENV = {"TSAN_OPTIONS": "halt_on_error=1:report_signal_unsafe=0"}
 RUN_TSAN = os.environ.get("MM1_EMU_TSAN", "1") != "0"
 
@@ -173,6 +202,7 @@ def emu_bins(emu_dir) -> dict[str, Path]:
     d = emu_dir
     jobs = {"prefill": ("test_prefill.cpp", "gen", SAN_FLAGS), "decode": ("test_decode.cpp", "gen", SAN_FLAGS),
             "prefill_mut": ("test_prefill.cpp", "gen_mut", ["-O1"])}
+    jobs.update({f"prefill_{m}": ("test_prefill.cpp", f"gen_{m}", ["-O1"]) for m in BF16_MUTATIONS})
     if RUN_TSAN:
         jobs.update(prefill_tsan=("test_prefill.cpp", "gen", TSAN_FLAGS),
                     decode_tsan=("test_decode.cpp", "gen", TSAN_FLAGS),
@@ -208,6 +238,9 @@ def check_prefill(r: dict) -> None:
                                  "(a read of NaN-poisoned smem, or an unwritten output)")
     assert r["stray_writes"] == 0, f"{name}: {r['stray_writes']} writes to o outside the sequences / past DV"
     assert r["o_rel"] <= O_TOL[dt], f"{name}: o rel err {r['o_rel']:.3e} > {O_TOL[dt]:g}"
+    if dt != "float32":
+        assert r["o_rel"] <= 2 * r["o_naive_rel"], \
+            f"{name}: o rel err {r['o_rel']:.3e} > 2x the naive {dt} error {r['o_naive_rel']:.3e}"
     assert r["final_rel"] <= PREFILL_FINAL_TOL[dt], \
         f"{name}: final state rel err {r['final_rel']:.3e} > {PREFILL_FINAL_TOL[dt]:g}"
     if r["chunks"] > 0:
@@ -260,12 +293,22 @@ def test_harness_catches_injected_fragment_bug(emu_bins):
         check_prefill(r)
 
 
+@pytest.mark.parametrize("mutation", list(BF16_MUTATIONS))
+def test_harness_catches_bf16_kernel_bugs(emu_bins, mutation):
+    """The checks must fail on the bf16 kernel with a planted bug (see gen.MUTATIONS)."""
+    case, message = BF16_MUTATIONS[mutation]
+    results, _ = _run(emu_bins[f"prefill_{mutation}"], case)
+    with pytest.raises(AssertionError, match=message):
+        check_prefill(results[case])
+
+
 def test_generator_fails_loudly_when_asm_changes(tmp_path):
     src = tmp_path / "csrc"
     shutil.copytree(CSRC / "lightning", src / "lightning")
     common = src / "lightning" / "lightning_common.cuh"
     text = common.read_text()
-    for needle in ("uint32_t to_tf32(float x)", "m16n8k8.row.col"):
+    for needle in ("uint32_t to_tf32(float x)", "m16n8k8.row.col", "m16n8k16.row.col", "x4.trans.shared",
+                   "cp.async.wait_group"):
         assert needle in text, f"update this test: {needle!r} is no longer in {common.name}"
     # a renamed helper, and a changed instruction: both must stop generation
     common.write_text(text.replace("uint32_t to_tf32(float x)", "uint32_t to_tf32_rna(float x)"))
@@ -274,6 +317,13 @@ def test_generator_fails_loudly_when_asm_changes(tmp_path):
     common.write_text(text.replace("m16n8k8.row.col", "m16n8k4.row.col"))
     with pytest.raises(gen.GeneratorError, match="mma_tf32.*no longer"):
         gen.generate(tmp_path / "out", src)
+    # the bf16 MMA shape, the ldmatrix transpose and the cp.async wait are matched as well
+    for old, new, func in [("m16n8k16.row.col", "m16n8k8.row.col", "mma_bf16"),
+                           ("x4.trans.shared", "x2.trans.shared", "ldsm_x4_trans"),
+                           ("cp.async.wait_group", "cp.async.wait_all", "cp_async_wait")]:
+        common.write_text(text.replace(old, new))
+        with pytest.raises(gen.GeneratorError, match=f"{func}.*no longer"):
+            gen.generate(tmp_path / "out", src)
     common.write_text(text + "\n__device__ inline void f() { asm volatile(\"membar.gl;\"); }\n")
     with pytest.raises(gen.GeneratorError, match="inline asm left"):
         gen.generate(tmp_path / "out", src)

@@ -1,5 +1,6 @@
-// Device helpers shared by the lightning kernels: element conversion, index loads, and the
-// TF32 tensor-core MMA (optionally split 3x for fp32-accurate products).
+// Device helpers shared by the lightning kernels: element conversion, index loads, the TF32
+// tensor-core MMA (optionally split 3x for fp32-accurate products), and the bf16 MMA, ldmatrix
+// and cp.async wrappers of the bf16 prefill.
 #pragma once
 
 #include <cstdint>
@@ -82,8 +83,8 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], 
 // An operand fragment of N fp32 values in TF32. With SPLIT (fp32 inputs) each value is
 // hi + lo, both TF32, and a product costs three MMAs (lo·hi + hi·lo + hi·hi): about fp32
 // accuracy (the dropped lo·lo term is ~2^-22 relative) at tensor-core speed. Without SPLIT
-// (16-bit inputs) one rounded TF32 MMA, the precision the Triton kernel uses for the products
-// with an fp32 operand; bf16/fp16 values themselves are exact in TF32.
+// (fp16 inputs; bf16 has its own kernel) one rounded TF32 MMA, the precision the Triton kernel
+// uses for fp16's products with an fp32 operand; fp16 values themselves are exact in TF32.
 template <int N, bool SPLIT> struct Tf32Frag {
   uint32_t hi[N];
   uint32_t lo[N];
@@ -112,6 +113,82 @@ __device__ __forceinline__ void mma_split_a(float (&c)[4], const Tf32Frag<4, tru
   if (SPLIT_B) mma_tf32(c, a.hi, b.lo);
   mma_tf32(c, a.hi, b.hi);
 }
+
+// ---- bf16 tensor cores: mma.sync m16n8k16, ldmatrix, cp.async -----------------------------
+// Fragment layouts of m16n8k16 (g = lane / 4, t = lane % 4; two 16-bit values per register,
+// the lower column / k index in the low half):
+//   A 16x16 row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B 16x8 (k x n):    b0 (k=2t..2t+1, n=g), b1 (k=2t+8..2t+9, n=g)
+//   C 16x8 fp32:       as m16n8k8 above
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A generic pointer into shared memory as a 32-bit shared-window address (for ldmatrix: the
+// kernels compute a lane's base address once and add compile-time offsets).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  uint32_t a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the address (smem_u32) of row l % 8 of
+// matrix l / 8 (16 contiguous bytes, 16-byte aligned). Register j receives matrix j's (row g,
+// columns 2t, 2t+1); with .trans its (rows 2t, 2t+1, column g), i.e. the transposed matrix's
+// fragment. The "memory" clobber keeps the compiler from moving the read across the stores and
+// barriers that produce the tile.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+
+// 16 bytes global -> shared, asynchronously (bypassing L1); the first src_bytes (0 or 16) are
+// read, the rest of the 16 is zero-filled. Both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+}
+// Closes the group of this thread's cp.async issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are pending. Other threads' copies
+// are visible only after a following barrier.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ float2 unpack_bf16x2(uint32_t u) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+
+// Fields every prefill kernel reads (set by mm1_lightning_prefill in lightning_prefill.cu).
+struct PrefillArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  const float* slopes;
+  const float* init;
+  float* final_state;
+  const void* cu_seqlens;
+  int cu_index_bytes;
+  int64_t seqlen;
+  int heads, head_dim, value_dim;
+  bool vec4;     // 4-element vector loads (TF32 kernel)
+  bool async16;  // 16-byte cp.async of q/k/v rows (bf16 kernel)
+  int64_t sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh;
+};
 
 }  // namespace lightning
 }  // namespace mm1

@@ -1,4 +1,6 @@
-// Chunked lightning-attention prefill on tensor cores (mma.sync m16n8k8 TF32).
+// Chunked lightning-attention prefill on tensor cores: lightning_prefill_kernel (fp32 and fp16
+// inputs, mma.sync m16n8k8 TF32, below) and lightning_prefill_bf16_kernel (bf16 inputs,
+// mma.sync m16n8k16 bf16 with ldmatrix and cp.async, further down; what M1 runs).
 //
 // Same math and semantics as mm1_kernels/lightning/triton_prefill.py. Per chunk of m ≤ C = 64
 // tokens of one head, with the incoming fp32 state S [D, DV]:
@@ -16,7 +18,7 @@
 // Per chunk, warp w computes the 16×32 score tile (row tile w/2, column half w%2; tiles above
 // the diagonal are skipped), then the 16×(BV/2) output tile of the same rows.
 //
-// Precision: every tile is staged in shared memory as fp32. 16-bit inputs are exact in TF32,
+// Precision (TF32 kernel): every tile is staged in shared memory as fp32. 16-bit inputs are exact in TF32,
 // so Q K^T is exact products with fp32 accumulation; the products with an fp32 operand
 // (P V, Q S) round that operand to TF32, as the Triton kernel does for fp16; the state update's
 // decayed keys are split into TF32 hi + lo for every dtype (two products), so the state keeps
@@ -27,7 +29,8 @@
 // CTA in double and rounded to fp32; no exponent is ever negative. All offsets into q/k/v/o and
 // the states are 64-bit.
 //
-// Shared memory: DMAX=128, BV=64 (D ≤ 128): 141 KB; DMAX=256, BV=32 (D ≤ 256): 202 KB.
+// Shared memory (TF32 kernel): DMAX=128, BV=64 (D ≤ 128): 141 KB; DMAX=256, BV=32 (D ≤ 256):
+// 202 KB. The bf16 kernel: 116 KB and 175 KB (Bf16PrefillLayout).
 #include "lightning/lightning_common.cuh"
 
 namespace mm1 {
@@ -37,22 +40,6 @@ namespace {
 constexpr int kChunk = 64;
 constexpr int kPrefillThreads = 256;
 constexpr int kPrefillWarps = kPrefillThreads / 32;
-
-struct PrefillArgs {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* o;
-  const float* slopes;
-  const float* init;
-  float* final_state;
-  const void* cu_seqlens;
-  int cu_index_bytes;
-  int64_t seqlen;
-  int heads, head_dim, value_dim;
-  bool vec4;
-  int64_t sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh;
-};
 
 template <int DMAX, int BV> struct PrefillLayout {
   // Row strides in floats. ≡ 4 (mod 32) for tiles read as A fragments (row g, col t) or as
@@ -311,24 +298,385 @@ lightning_prefill_kernel(const PrefillArgs a) {
   }
 }
 
-template <typename T, int DMAX, int BV>
-cudaError_t launch_prefill(const PrefillArgs& a, int64_t num_seqs, cudaStream_t stream) {
-  using L = PrefillLayout<DMAX, BV>;
-  const auto kernel = lightning_prefill_kernel<T, DMAX, BV>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in; cheap, and legal during capture.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(L::BYTES));
+// ---- bf16 inputs: mma.sync m16n8k16 on bf16 tensor cores --------------------------------------
+//
+// Same decomposition as above (one CTA per (sequence, head, value tile), 8 warps, the state
+// tile in the K^T V accumulators), with the tiles staged in shared memory as bf16:
+//  - q/k/v chunk tiles: two stages; chunk c+1 is loaded with 16-byte cp.async while chunk c is
+//    computed (ASYNC, when D, Dv, strides and base pointers allow 16-byte rows; otherwise
+//    element loads into the same stage, synchronous, same barriers);
+//  - every MMA operand comes from shared memory through ldmatrix.x4 (.trans where the tile is
+//    stored k-major: V and the state in P V / Q S, and K as the A operand K^T of the state
+//    update); rows are padded by 16 bytes so the 8 rows of each 8x8 matrix hit distinct banks.
+// Precision (the Triton kernel's "default" for bf16, see its module docstring): Q K^T takes the
+// inputs as they are (exact products, fp32 accumulation); the decayed scores P and the state in
+// Q S are rounded to bf16 once (P when written to shared memory, S when copied there at the end
+// of every chunk); the state update's decayed keys enter as a bf16 pair hi + lo (two MMAs; ~16
+// significant bits), so the fp32 state keeps the 1e-5 contract. fp16 stays on the TF32 kernel
+// (as in Triton: an fp16 copy of the state could overflow, and an fp16 lo part underflows).
+// Tensor work issued per chunk and head, D = Dv = 128 (C = 64): Q K^T and P V at 16x16 tile
+// granularity of the causal triangle (10 of 16 tiles), Q S once, K^T V twice (the pair):
+// 0.625 (2C²D + 2C²Dv) + 2CDDv + 4CDDv = 1.21x the counted 4C²D + 4CD² (Triton: 4/3, it
+// computes the full Q K^T and P V). The k-extent over D is ⌈D/16⌉·16; Q and K are staged to
+// DMAX columns, zero past D. SASS (sm_90a, <128, 64, true>): the chunk loop is straight-line
+// code of 144 HMMA.16816, 80 LDSM, 10 LDGSTS (python -m profiles.static reports the counts).
+
+template <int DMAX, int BV> struct Bf16PrefillLayout {
+  // Row pitches in bf16 elements: a multiple of 8 (16-byte rows for cp.async and ldmatrix) whose
+  // byte size is an odd multiple of 16, so the 8 row addresses of an 8x8 matrix fall into 8
+  // distinct 16-byte bank groups (conflict-free ldmatrix without a swizzle).
+  static constexpr int QK_LD = DMAX + 8;
+  static constexpr int V_LD = BV + 8;
+  static constexpr int P_LD = kChunk + 8;
+  static constexpr int S_LD = BV + 8;
+  static constexpr int STAGE = 2 * kChunk * QK_LD + kChunk * V_LD;  // q, k, v of one chunk
+  static constexpr int Q_OFF = 0;                                   // + stage * STAGE
+  static constexpr int K_OFF = kChunk * QK_LD;
+  static constexpr int V_OFF = 2 * kChunk * QK_LD;
+  static constexpr int P_OFF = 2 * STAGE;
+  static constexpr int S_OFF = P_OFF + kChunk * P_LD;
+  static constexpr int POW_OFF = S_OFF + DMAX * S_LD;               // fp32 λ^0 .. λ^64 from here
+  static constexpr size_t BYTES = POW_OFF * 2 + 68 * sizeof(float);
+  static_assert((QK_LD * 2 / 16) % 2 == 1 && (V_LD * 2 / 16) % 2 == 1 && (P_LD * 2 / 16) % 2 == 1 &&
+                    (S_LD * 2 / 16) % 2 == 1 && QK_LD % 8 == 0 && V_LD % 8 == 0,
+                "row pitch: an odd number of 16-byte units");
+  static_assert(POW_OFF % 8 == 0 && STAGE % 8 == 0, "16-byte aligned tiles");
+};
+
+// dst[j][c] (j < 64, c < COLS) = src[j·src_stride + c] for j < rows_valid and c < cols_valid,
+// else 0. ASYNC: 16-byte cp.async (cols_valid a multiple of 8, src rows 16-byte aligned;
+// zero-filled through src_bytes = 0); the caller commits and waits. Otherwise element copies.
+template <int COLS, bool ASYNC>
+__device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* dst, int dst_ld, const __nv_bfloat16* src,
+                                               int64_t src_stride, int rows_valid, int cols_valid) {
+  if (ASYNC) {
+    // Piece `it` of this thread: row j0 + it·ROWS, 16 bytes at column c. The source pointer
+    // steps by ROWS rows (64-bit adds, no per-piece multiply). src_bytes = 0 reads nothing
+    // (zero-fills), so a masked piece's address may lie outside the tensor.
+    constexpr int groups = COLS / 8;                   // 16-byte pieces per row
+    constexpr int ROWS = kPrefillThreads / groups;     // rows per trip of the whole block
+    static_assert(kPrefillThreads % groups == 0 && kChunk % ROWS == 0, "whole trips");
+    const int j0 = threadIdx.x / groups, c = (threadIdx.x % groups) * 8;
+    const bool col_ok = c < cols_valid;
+    const __nv_bfloat16* p = src + j0 * src_stride + c;
+    const int64_t step = ROWS * src_stride;
+#pragma unroll
+    for (int it = 0; it < kChunk / ROWS; ++it) {
+      const int j = j0 + it * ROWS;
+      cp_async16(dst + j * dst_ld + c, p, (col_ok && j < rows_valid) ? 16 : 0);
+      p += step;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kChunk * COLS; idx += kPrefillThreads) {
+      const int j = idx / COLS, c = idx - j * COLS;
+      dst[j * dst_ld + c] = (j < rows_valid && c < cols_valid) ? src[j * src_stride + c] : __float2bfloat16_rn(0.f);
+    }
+  }
+}
+
+// ASYNC = a.async16, a template argument so that the cp.async instantiation (the one M1 runs)
+// carries no code of the element-copy fallback.
+template <int DMAX, int BV, bool ASYNC>
+__global__ void __launch_bounds__(kPrefillThreads, 1)
+lightning_prefill_bf16_kernel(const PrefillArgs a) {
+  using L = Bf16PrefillLayout<DMAX, BV>;
+  using T = __nv_bfloat16;
+  constexpr int S_MT = DMAX / 16 / kPrefillWarps;  // state row tiles per warp
+  constexpr int S_NT = BV / 8;                     // state column tiles
+  constexpr int O_NP = BV / 32;                    // output column tile pairs per warp (2 warps per row tile)
+  static_assert(S_MT >= 1 && O_NP >= 1 && S_NT % 2 == 0, "tile shape");
+
+  extern __shared__ float4 smem4[];
+  T* smem = reinterpret_cast<T*>(smem4);
+  T* p_s = smem + L::P_OFF;
+  T* s_s = smem + L::S_OFF;
+  float* pow_s = reinterpret_cast<float*>(smem + L::POW_OFF);
+
+  const int64_t n = blockIdx.x;
+  const int h = blockIdx.y;
+  const int v0 = blockIdx.z * BV;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int D = a.head_dim, DV = a.value_dim;
+  const int DQ = (D + 15) & ~15;  // MMA k-extent over D = columns of Q/K staged (zero past D)
+  const int v_valid = min(BV, DV - v0);
+  // ldmatrix.x4 row address of this lane: row lane % 8 of matrix lane / 8. ld_r16/ld_c16 place
+  // matrices 1 and 3 8 rows further (A tiles: a1, a3 are rows g+8); ld_c8/ld_r8 place matrices
+  // 2 and 3 8 columns (8 rows) further.
+  const int lr = lane & 7, m1 = (lane >> 3) & 1, m2 = lane >> 4;
+
+  int64_t row, bos, eos;
+  if (a.cu_seqlens) {  // clamped like the Triton path: offsets outside [0, T] cannot fault
+    row = 0;
+    bos = min(max(load_index(a.cu_seqlens, a.cu_index_bytes, n), int64_t(0)), a.seqlen);
+    eos = max(min(max(load_index(a.cu_seqlens, a.cu_index_bytes, n + 1), int64_t(0)), a.seqlen), bos);
+  } else {
+    row = n;
+    bos = 0;
+    eos = a.seqlen;
+  }
+
+  const float slope = a.slopes[h];
+  for (int e = tid; e <= kChunk; e += kPrefillThreads) pow_s[e] = decay_pow(slope, e);
+
+  // The state tile: st[mi][ni] is the C fragment of rows (warp·S_MT + mi)·16, columns ni·8.
+  float st[S_MT][S_NT][4];
+  const int64_t state_off = (n * a.heads + h) * static_cast<int64_t>(D) * DV + v0;
+#pragma unroll
+  for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < S_NT; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int d = (warp * S_MT + mi) * 16 + g + (r >= 2 ? 8 : 0);
+        const int c = ni * 8 + 2 * t + (r & 1);
+        st[mi][ni][r] = (a.init && d < D && c < v_valid) ? a.init[state_off + static_cast<int64_t>(d) * DV + c] : 0.f;
+      }
+
+  // The state as the B operand of Q S: rounded to bf16 once ("default" precision).
+  auto store_state_smem = [&]() {
+#pragma unroll
+    for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < S_NT; ++ni) {
+        const int d = (warp * S_MT + mi) * 16 + g;
+        const int c = ni * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(s_s + d * L::S_LD + c) = pack_bf16x2(st[mi][ni][0], st[mi][ni][1]);
+        *reinterpret_cast<uint32_t*>(s_s + (d + 8) * L::S_LD + c) = pack_bf16x2(st[mi][ni][2], st[mi][ni][3]);
+      }
+  };
+  store_state_smem();
+
+  const T* q_base = static_cast<const T*>(a.q) + row * a.sqb + h * a.sqh;
+  const T* k_base = static_cast<const T*>(a.k) + row * a.skb + h * a.skh;
+  const T* v_base = static_cast<const T*>(a.v) + row * a.svb + h * a.svh + v0;
+  T* o_base = static_cast<T*>(a.o) + row * a.sob + h * a.soh + v0;
+
+  auto load_chunk = [&](int64_t t0, int stage) {
+    const int m = static_cast<int>(min(eos - t0, static_cast<int64_t>(kChunk)));
+    T* base = smem + stage * L::STAGE;
+    // All DMAX columns (zero past D): a compile-time loop; only columns < DQ are ever read.
+    load_tile_bf16<DMAX, ASYNC>(base + L::Q_OFF, L::QK_LD, q_base + t0 * a.sqt, a.sqt, m, D);
+    load_tile_bf16<DMAX, ASYNC>(base + L::K_OFF, L::QK_LD, k_base + t0 * a.skt, a.skt, m, D);
+    load_tile_bf16<BV, ASYNC>(base + L::V_OFF, L::V_LD, v_base + t0 * a.svt, a.svt, m, v_valid);
+  };
+
+  const int mt = warp >> 1;   // token row tile of this warp's scores and outputs
+  const int half = warp & 1;  // which half of the columns
+  const int r0 = mt * 16;
+  const int c_base = half * (BV / 2);  // this warp's output columns
+
+  // This lane's ldmatrix row addresses (stage 0; + stage·STAGE·2 bytes for stage 1), so that
+  // every k-step is a compile-time offset. A tiles (Q rows, P rows): matrices 1, 3 are 8 rows
+  // further (a1, a3), 2, 3 are 8 columns further. K as the B operand of Q K^T: matrices 1, 3 are
+  // 8 columns (k) further, 2, 3 are 8 rows (n) further. k-major B tiles (V, S) read with .trans:
+  // 1, 3 are 8 rows (k) further, 2, 3 are 8 columns (n) further. K^T as the A operand of the
+  // state update (.trans of the token-major K tile): 1, 3 are 8 columns (d) further, 2, 3 are
+  // 8 rows (tokens) further.
+  const uint32_t q_a = smem_u32(smem + L::Q_OFF + (r0 + lr + 8 * m1) * L::QK_LD + 8 * m2);
+  const uint32_t k_b = smem_u32(smem + L::K_OFF + (half * 32 + lr + 8 * m2) * L::QK_LD + 8 * m1);
+  const uint32_t k_at = smem_u32(smem + L::K_OFF + (lr + 8 * m2) * L::QK_LD + 8 * m1);
+  const uint32_t v_b = smem_u32(smem + L::V_OFF + (lr + 8 * m1) * L::V_LD + 8 * m2);
+  const uint32_t p_a = smem_u32(p_s + (r0 + lr + 8 * m1) * L::P_LD + 8 * m2);
+  const uint32_t s_b = smem_u32(s_s + (lr + 8 * m1) * L::S_LD + c_base + 8 * m2);
+  constexpr uint32_t B2 = sizeof(T);  // bytes per element
+
+  if (bos < eos) load_chunk(bos, 0);
+  cp_async_commit();
+  int stage = 0;
+  for (int64_t t0 = bos; t0 < eos; t0 += kChunk, stage ^= 1) {
+    const int m = static_cast<int>(min(eos - t0, static_cast<int64_t>(kChunk)));
+    // Prefetch chunk c+1 into the other stage (last read in chunk c-1, before its final
+    // barrier). Every thread commits one group per chunk, empty or not, so waiting for all but
+    // the newest group always means "chunk c has landed".
+    if (t0 + kChunk < eos) load_chunk(t0 + kChunk, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // chunk c's tiles (every thread's copies) and S_in are visible
+    const uint32_t so = stage * (L::STAGE * B2);  // this chunk's stage
+
+    // 1. Decayed causal scores P = (Q K^T) ∘ M, rows [r0, r0+16), columns [32·half, +32), in
+    //    16-column pairs of n-tiles; pairs wholly above the diagonal stay zero.
+    {
+      float acc[4][4] = {};
+#pragma unroll
+      for (int k0 = 0; k0 < DMAX; k0 += 16) {
+        if (k0 < DQ) {
+          uint32_t fa[4];
+          ldsm_x4(fa, q_a + so + k0 * B2);
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            const int n0 = half * 32 + np * 16;
+            if (n0 <= r0) {
+              // K rows n0.. as B (n = key, k = d): matrices (n0, k0) (n0, k0+8) (n0+8, k0) (n0+8, k0+8).
+              uint32_t fb[4];
+              ldsm_x4(fb, k_b + so + (np * 16 * L::QK_LD + k0) * B2);
+              const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
+              mma_bf16(acc[2 * np], fa, b0);
+              mma_bf16(acc[2 * np + 1], fa, b1);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int j = r0 + g + 8 * hr;
+          const int i = half * 32 + ni * 8 + 2 * t;
+          const float x0 = (i <= j && j < m) ? acc[ni][2 * hr] * pow_s[j - i] : 0.f;
+          const float x1 = (i + 1 <= j && j < m) ? acc[ni][2 * hr + 1] * pow_s[j - i - 1] : 0.f;
+          *reinterpret_cast<uint32_t*>(p_s + j * L::P_LD + i) = pack_bf16x2(x0, x1);
+        }
+    }
+    __syncthreads();
+
+    // 2. O = P V + diag(λ^(j+1)) Q S_in for rows [r0, r0+16), columns [half·BV/2, +BV/2).
+    if (r0 < m) {
+      float pv[2 * O_NP][4] = {};
+      float qs[2 * O_NP][4] = {};
+#pragma unroll
+      for (int k0 = 0; k0 < kChunk; k0 += 16) {
+        if (k0 <= r0) {  // P is zero beyond the diagonal
+          uint32_t fa[4];
+          ldsm_x4(fa, p_a + k0 * B2);
+#pragma unroll
+          for (int np = 0; np < O_NP; ++np) {
+            // V rows k0.. (k-major) as B, transposed: matrices (k0, n0) (k0+8, n0) (k0, n0+8) (k0+8, n0+8).
+            uint32_t fb[4];
+            ldsm_x4_trans(fb, v_b + so + (k0 * L::V_LD + c_base + np * 16) * B2);
+            const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
+            mma_bf16(pv[2 * np], fa, b0);
+            mma_bf16(pv[2 * np + 1], fa, b1);
+          }
+        }
+      }
+#pragma unroll
+      for (int k0 = 0; k0 < DMAX; k0 += 16) {
+        if (k0 < DQ) {
+          uint32_t fa[4];
+          ldsm_x4(fa, q_a + so + k0 * B2);
+#pragma unroll
+          for (int np = 0; np < O_NP; ++np) {
+            uint32_t fb[4];
+            ldsm_x4_trans(fb, s_b + (k0 * L::S_LD + np * 16) * B2);
+            const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
+            mma_bf16(qs[2 * np], fa, b0);
+            mma_bf16(qs[2 * np + 1], fa, b1);
+          }
+        }
+      }
+#pragma unroll
+      for (int ni = 0; ni < 2 * O_NP; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int j = r0 + g + (r >= 2 ? 8 : 0);
+          const int c = c_base + ni * 8 + 2 * t + (r & 1);
+          if (j < m && c < v_valid)
+            o_base[(t0 + j) * a.sot + c] = __float2bfloat16_rn(fmaf(pow_s[j + 1], qs[ni][r], pv[ni][r]));
+        }
+    }
+
+    // 3. S = λ^m S + (diag(λ^(m-1-i)) K)^T V, accumulated in the state fragments.
+    {
+      const float lam_m = pow_s[m];
+#pragma unroll
+      for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < S_NT; ++ni)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) st[mi][ni][r] *= lam_m;
+#pragma unroll
+      for (int i0 = 0; i0 < kChunk; i0 += 16) {
+        if (i0 < m) {  // rows past m are zero-filled; their decay is 0 too
+          uint32_t fb[S_NT][2];
+#pragma unroll
+          for (int np = 0; np < S_NT / 2; ++np) {
+            uint32_t x[4];
+            ldsm_x4_trans(x, v_b + so + (i0 * L::V_LD + np * 16) * B2);
+            fb[2 * np][0] = x[0];
+            fb[2 * np][1] = x[1];
+            fb[2 * np + 1][0] = x[2];
+            fb[2 * np + 1][1] = x[3];
+          }
+          // Decays of this lane's A columns (tokens) i0+2t, +1 (a0, a1) and i0+2t+8, +9 (a2, a3).
+          float kd[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + 2 * t + (e & 1) + (e >= 2 ? 8 : 0);
+            kd[e] = i < m ? pow_s[m - 1 - i] : 0.f;
+          }
+#pragma unroll
+          for (int mi = 0; mi < S_MT; ++mi) {
+            const int d0 = (warp * S_MT + mi) * 16;
+            if (d0 < D) {  // row tiles wholly past D stay zero
+              // K^T rows d0.. as A, transposed from the token-major K tile: matrices
+              // (i0, d0) (i0, d0+8) (i0+8, d0) (i0+8, d0+8) give a0 a1 a2 a3.
+              uint32_t x[4];
+              ldsm_x4_trans(x, k_at + so + (i0 * L::QK_LD + d0) * B2);
+              // The decayed keys are fp32 values: a bf16 pair hi + lo keeps ~16 bits (the
+              // fp32-state contract), as the Triton kernel does.
+              uint32_t hi[4], lo[4];
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const float2 kv = unpack_bf16x2(x[e]);
+                const float d0 = kd[e >= 2 ? 2 : 0], d1 = kd[e >= 2 ? 3 : 1];
+                hi[e] = pack_bf16x2(kv.x * d0, kv.y * d1);
+                const float2 yh = unpack_bf16x2(hi[e]);
+                lo[e] = pack_bf16x2(fmaf(kv.x, d0, -yh.x), fmaf(kv.y, d1, -yh.y));  // exact residual
+              }
+#pragma unroll
+              for (int ni = 0; ni < S_NT; ++ni) {
+                mma_bf16(st[mi][ni], lo, fb[ni]);
+                mma_bf16(st[mi][ni], hi, fb[ni]);
+              }
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();     // all reads of this chunk's stage, of P and of S_in are done
+    store_state_smem();  // S_in of the next chunk (visible after its first barrier)
+  }
+
+  if (a.final_state) {
+#pragma unroll
+    for (int mi = 0; mi < S_MT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < S_NT; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int d = (warp * S_MT + mi) * 16 + g + (r >= 2 ? 8 : 0);
+          const int c = ni * 8 + 2 * t + (r & 1);
+          if (d < D && c < v_valid) a.final_state[state_off + static_cast<int64_t>(d) * DV + c] = st[mi][ni][r];
+        }
+  }
+}
+
+// Above 48 KB of dynamic shared memory a kernel must opt in; cheap, and legal during capture.
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, size_t smem, int bv, const PrefillArgs& a, int64_t num_seqs, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(num_seqs), static_cast<unsigned>(a.heads),
-                  static_cast<unsigned>((a.value_dim + BV - 1) / BV));
-  kernel<<<grid, kPrefillThreads, L::BYTES, stream>>>(a);
+                  static_cast<unsigned>((a.value_dim + bv - 1) / bv));
+  kernel<<<grid, kPrefillThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t dispatch_prefill(const PrefillArgs& a, int64_t num_seqs, cudaStream_t stream) {
-  if (a.head_dim <= 128) return launch_prefill<T, 128, 64>(a, num_seqs, stream);
-  return launch_prefill<T, 256, 32>(a, num_seqs, stream);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    constexpr size_t b128 = Bf16PrefillLayout<128, 64>::BYTES, b256 = Bf16PrefillLayout<256, 32>::BYTES;
+    if (a.head_dim <= 128)
+      return a.async16 ? launch(lightning_prefill_bf16_kernel<128, 64, true>, b128, 64, a, num_seqs, stream)
+                       : launch(lightning_prefill_bf16_kernel<128, 64, false>, b128, 64, a, num_seqs, stream);
+    return a.async16 ? launch(lightning_prefill_bf16_kernel<256, 32, true>, b256, 32, a, num_seqs, stream)
+                     : launch(lightning_prefill_bf16_kernel<256, 32, false>, b256, 32, a, num_seqs, stream);
+  } else {
+    if (a.head_dim <= 128)
+      return launch(lightning_prefill_kernel<T, 128, 64>, PrefillLayout<128, 64>::BYTES, 64, a, num_seqs, stream);
+    return launch(lightning_prefill_kernel<T, 256, 32>, PrefillLayout<256, 32>::BYTES, 32, a, num_seqs, stream);
+  }
 }
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -360,8 +708,13 @@ extern "C" MM1_API cudaError_t mm1_lightning_prefill(
                     aligned(v, 4 * elem) && stride_qb % 4 == 0 && stride_qt % 4 == 0 && stride_qh % 4 == 0 &&
                     stride_kb % 4 == 0 && stride_kt % 4 == 0 && stride_kh % 4 == 0 && stride_vb % 4 == 0 &&
                     stride_vt % 4 == 0 && stride_vh % 4 == 0;
+  // 16-byte rows for cp.async (bf16 kernel): 8 elements of 2 bytes.
+  const bool async16 = elem == 2 && head_dim % 8 == 0 && value_dim % 8 == 0 && aligned(q, 16) && aligned(k, 16) &&
+                       aligned(v, 16) && stride_qb % 8 == 0 && stride_qt % 8 == 0 && stride_qh % 8 == 0 &&
+                       stride_kb % 8 == 0 && stride_kt % 8 == 0 && stride_kh % 8 == 0 && stride_vb % 8 == 0 &&
+                       stride_vt % 8 == 0 && stride_vh % 8 == 0;
   PrefillArgs a{q, k, v, o, slopes, initial_state, final_state, cu_seqlens, cu_index_bytes, seqlen,
-                static_cast<int>(heads), static_cast<int>(head_dim), static_cast<int>(value_dim), vec4,
+                static_cast<int>(heads), static_cast<int>(head_dim), static_cast<int>(value_dim), vec4, async16,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh};
   switch (dtype) {

@@ -28,14 +28,18 @@ from .._checks import (
 )
 from .._dispatch import register_op, resolve_backend
 from .._nvtx import annotate
+from . import cuda_ops as _cuda_ops  # the cuda backend; importing it registers the fakes of its ops
 from . import reference, torch_head
 from .reference import IGNORE_INDEX
 
-register_op("head_logprobs", backends=("torch", "triton"))
-register_op("head_sample", backends=("torch", "triton"))
-register_op("head_logits", backends=("torch", "triton"))
+# backend="cuda" (csrc/head/) runs only when asked for: no GPU run of it is on record yet, so
+# gpu_order puts it last and backend=None never picks it (torch is always available first).
+_CUDA = dict(cuda_op="head_forward_cuda", gpu_order=("triton", "torch", "cuda"))
+register_op("head_logprobs", backends=("torch", "triton", "cuda"), **_CUDA)
+register_op("head_sample", backends=("torch", "triton", "cuda"), **_CUDA)
+register_op("head_logits", backends=("torch", "triton", "cuda"), **_CUDA)
 # head_cispo_loss passes its backend to head_logprobs (the loss itself is torch everywhere).
-register_op("head_cispo_loss", backends=("torch", "triton"))
+register_op("head_cispo_loss", backends=("torch", "triton", "cuda"), **_CUDA)
 register_op("cispo_loss", backends=("torch",))
 DEFAULT_EPS_HIGH = 0.2
 
@@ -53,6 +57,8 @@ def _forward_impl(hidden, weight, targets, temperature, backend):
     if backend == "triton":
         from .triton_head import head_forward_triton
         return head_forward_triton(hidden, weight, targets, temperature)
+    if backend == "cuda":
+        return _cuda_ops.head_forward_cuda(hidden, weight, targets, temperature)
     return torch_head.head_forward_torch(hidden, weight, targets, temperature)
 
 
@@ -79,6 +85,9 @@ def _head_logprobs_backward_op(g_lp: torch.Tensor, g_lse: torch.Tensor, g_ent: t
                                           else weight.new_empty(0))
     # An ignored row's logprob is the constant 0: its upstream gradient goes nowhere.
     g_lp = torch.where(targets != IGNORE_INDEX, g_lp, torch.zeros_like(g_lp))
+    if backend == "cuda":
+        return _cuda_ops.head_backward_cuda(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
+                                            temperature, need_dweight=need_dweight)
     if backend == "triton":
         from .triton_head import head_backward_triton
         return head_backward_triton(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
@@ -190,7 +199,8 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             then checks that every row's results are finite and raises ValueError naming
             ``temperature`` if they are not because of it (NaN/inf in hidden or weight give
             NaN results, as at any temperature).
-        backend: ``"torch"``, ``"triton"`` or None (automatic; see ``mm1_kernels._dispatch``).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` (the compiled extension, only when named)
+            or None (automatic; see ``mm1_kernels._dispatch``).
 
     Returns:
         :class:`HeadOutput` ``(logprobs, lse, entropy)``, fp32, shaped like ``targets``.
@@ -279,9 +289,12 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     h2 = hidden.reshape(-1, K)
     if h2.shape[0] == 0:
         return h2.new_empty(*lead, V, dtype=torch.float32)
-    if resolve_backend("head_logits", backend, hidden.device) == "triton":
+    chosen = resolve_backend("head_logits", backend, hidden.device)
+    if chosen == "triton":
         from .triton_head import head_logits_triton
         z = head_logits_triton(h2.contiguous(), weight.contiguous(), t)
+    elif chosen == "cuda":
+        z = _cuda_ops.head_logits_cuda(h2, weight, t)
     else:
         z = torch_head.tempered_logits_fp32(h2, weight, t)
     return z.reshape(*lead, V)
@@ -347,6 +360,8 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     chosen = resolve_backend("head_sample", backend, device)
     if chosen == "triton":
         from .triton_head import head_logits_triton as logits_fn
+    elif chosen == "cuda":
+        logits_fn = _cuda_ops.head_logits_cuda
     else:
         logits_fn = torch_head.tempered_logits_fp32
     logits_temperature = t if t > 0 else 1.0

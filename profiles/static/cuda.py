@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .read import ctas_per_sm, sass_summary
+from .read import ctas_per_sm, sass_instructions, sass_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
@@ -41,6 +41,50 @@ def _prefill_smem(dmax: int, bv: int) -> int:
     return floats * 4
 
 
+def _prefill_bf16_smem(dmax: int, bv: int) -> int:
+    """Bf16PrefillLayout<DMAX, BV>::BYTES: two bf16 stages of q, k, v; P, the bf16 state, decays."""
+    chunk = 64
+    stage = 2 * chunk * (dmax + 8) + chunk * (bv + 8)
+    return (2 * stage + chunk * (chunk + 8) + dmax * (bv + 8)) * 2 + 68 * 4
+
+
+def prefill_bf16_issued_over_counted(d: int = 128, dv: int = 128, chunk: int = 64) -> float:
+    """Tensor work the bf16 prefill issues per full chunk and head over the counted 4C²D + 4CD·Dv
+    (2C²D + 2C²Dv + 2CD·Dv + 2CD·Dv: Q K^T, P V, Q S, K^T V). It issues Q K^T and P V on the
+    16×16 tiles on or below the diagonal (rows [16r, 16r+16) take r+1 of C/16 column tiles),
+    Q S once and K^T V twice (the decayed keys' bf16 pair); the k-extent over D is ⌈D/16⌉·16."""
+    tiles = chunk // 16
+    causal = sum(r + 1 for r in range(tiles)) / tiles ** 2      # 10/16 at C = 64
+    dq = -(-d // 16) * 16
+    issued = causal * (2 * chunk * chunk * dq + 2 * chunk * chunk * dv) + 2 * chunk * dq * dv + 4 * chunk * dq * dv
+    counted = 4 * chunk * chunk * d + 2 * chunk * d * dv + 2 * chunk * d * dv
+    return issued / counted
+
+
+def chunk_loop_summary(sass: str) -> dict:
+    """SASS of the widest backward branch (the chunk loop of the prefill kernels): instructions,
+    HMMA, LDSM, LDGSTS, and instructions per HMMA. In the bf16 cp.async instantiations the
+    loop body is straight-line code (the k-loops are unrolled, the tile copies too), so these
+    static counts are what the warp with the full causal row tile executes per chunk."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", ln)]
+    addrs = [int(re.match(r"\s*/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    ops = sass_instructions("\n".join(lines))
+    loops = []
+    for ln, addr in zip(lines, addrs):
+        m = re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    if not loops:
+        return {}
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    body = [op for op, a in zip(ops, addrs) if lo <= a <= hi]
+    hmma = sum(op.startswith("HMMA") for op in body)
+    return {"loop_instructions": len(body), "loop_hmma": hmma,
+            "loop_ldsm": sum(op.startswith("LDSM") for op in body),
+            "loop_ldgsts": sum(op.startswith("LDGSTS") for op in body),
+            "loop_instructions_per_mma": round(len(body) / hmma, 2) if hmma else None}
+
+
 def _demangle(names: list[str]) -> dict[str, str]:
     exe = shutil.which("c++filt") or shutil.which("cu++filt")
     if not exe:
@@ -49,10 +93,10 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-# Which instantiations M1 (bf16, D = Dv = 128, H = 64) launches: prefill <bf16, 128, 64>; decode
-# with VEC 4 and TPR 4 at B = 1 (64 heads × 4 slices < 2 × 132), TPR 32 at B ≥ 64.
+# Which instantiations M1 (bf16, D = Dv = 128, H = 64) launches: the bf16 prefill <128, 64, true>
+# (cp.async); decode with VEC 4 and TPR 4 at B = 1 (64 heads × 4 slices < 2 × 132), TPR 32 at B ≥ 64.
 M1_USE = {
-    ("lightning_prefill_kernel", "__nv_bfloat16, 128, 64"): "prefill, all T",
+    ("lightning_prefill_bf16_kernel", "128, 64, true"): "prefill, all T",
     ("lightning_decode_kernel", "__nv_bfloat16, 4, 4"): "decode B=1",
     ("lightning_decode_kernel", "__nv_bfloat16, 4, 32"): "decode B=64, 256",
 }
@@ -93,15 +137,22 @@ def compile_cuda() -> list[dict]:
             kernel, targs = (m.group(1), m.group(2)) if m else (pretty, "")
             targs = re.sub(r"\(int\)", "", targs).strip()
             use = M1_USE.get((kernel, targs))
-            if use is None and "bfloat16" not in targs:
+            if use is None and "bfloat16" not in targs and kernel != "lightning_prefill_bf16_kernel":
                 continue  # fp32/fp16 instantiations: not launched by M1 (bf16)
             threads = 256  # kPrefillThreads, kDecodeThreads
             smem = st["static_shared_bytes"]
+            extra = {}
             if kernel == "lightning_prefill_kernel":
                 dmax, bv = (int(x) for x in targs.split(",")[1:3])
                 smem += _prefill_smem(dmax, bv)
+            elif kernel == "lightning_prefill_bf16_kernel":
+                dmax, bv = (int(x) for x in targs.split(",")[0:2])
+                smem += _prefill_bf16_smem(dmax, bv)
+                extra = chunk_loop_summary(bodies.get(mangled, ""))
+                if use:
+                    extra["issued_over_counted_model"] = round(prefill_bf16_issued_over_counted(), 3)
             summ = sass_summary(bodies.get(mangled, ""))
             rows.append({"file": str(src.relative_to(ROOT)), "kernel": f"{kernel}<{targs}>", "m1_use": use or "-",
                          **st, "shared_bytes": smem, "threads": threads,
-                         **ctas_per_sm(st["registers"], smem, threads), **summ})
+                         **ctas_per_sm(st["registers"], smem, threads), **summ, **extra})
     return rows

@@ -4,18 +4,20 @@ The kernels in ``csrc/lightning/`` are copied unchanged except for these edits, 
 must find exactly what it expects or the generator raises ``GeneratorError`` (never a silent
 test of stale or partially transformed code):
 
-1. ``lightning_common.cuh``: the bodies of ``to_tf32`` (``cvt.rna.tf32.f32``) and ``mma_tf32``
-   (``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32``) become calls to ``emu_to_tf32`` /
-   ``emu_mma`` in ``emu_runtime.h``, written from the PTX ISA fragment layouts independently of
-   the kernel. The instruction strings are matched too: if the kernel switches to another MMA
-   shape, rounding mode or operand type, the emulation no longer describes it and generation
-   fails. No ``asm`` may remain in any generated file.
+1. ``lightning_common.cuh``: the inline-asm bodies listed in ``ASM_BODIES`` (``cvt.rna.tf32``,
+   ``mma.sync`` m16n8k8 TF32 and m16n8k16 bf16, ``ldmatrix`` .x4 and .x4.trans, ``cp.async``
+   with commit/wait) become calls into ``emu_runtime.h``, written from the PTX ISA fragment
+   layouts independently of the kernel (``cvta.to.shared`` as well: a 32-bit shared address is
+   the offset into the host buffer standing in for dynamic shared memory). The instruction
+   strings are matched too: if the kernel switches to another MMA shape, rounding mode, operand
+   type or copy size, the emulation no longer describes it and generation fails. No ``asm`` may
+   remain in any generated file.
 2. ``lightning_*.cu``: the include of ``lightning_common.cuh`` points at the generated copy;
    ``extern __shared__ T name[];`` becomes a pointer to the host-side dynamic shared memory;
    after the last static ``__shared__`` declaration of a kernel, every thread calls
    ``emu_poison_shared`` on each of them (NaN-fills them between two block barriers, before any
-   kernel statement ran); everything after the ``__global__`` kernel (host launch code, C API)
-   is dropped.
+   kernel statement ran); everything after the last listed ``__global__`` kernel of the file
+   (host launch code, C API) is dropped.
 
 If a check fails, update ``ASM_BODIES`` / ``KERNELS`` below (and the emulation in
 ``emu_runtime.h`` when the instruction changed) together with the kernel.
@@ -46,12 +48,19 @@ class GeneratorError(RuntimeError):
 ASM_BODIES = {
     "to_tf32": ("cvt.rna.tf32.f32", "return emu_to_tf32(x);"),
     "mma_tf32": ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "emu_mma(c, a, b);"),
+    "mma_bf16": ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "emu_mma_m16n8k16(c, a, b, true);"),
+    "smem_u32": ("cvta.to.shared.u64", "return emu_smem_u32(p);"),
+    "ldsm_x4": ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "emu_ldsm_x4(r, addr, false);"),
+    "ldsm_x4_trans": ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "emu_ldsm_x4(r, addr, true);"),
+    "cp_async16": ("cp.async.cg.shared.global [%0], [%1], 16, %2;", "emu_cp_async16(dst, src, src_bytes);"),
+    "cp_async_commit": ("cp.async.commit_group;", "emu_cp_async_commit();"),
+    "cp_async_wait": ("cp.async.wait_group %0;", "emu_cp_async_wait(N);"),
 }
 
-# generated file -> (source under csrc, name of the __global__ kernel it defines)
+# generated file -> (source under csrc, names of the __global__ kernels it defines)
 KERNELS = {
-    "prefill_emu.h": ("lightning/lightning_prefill.cu", "lightning_prefill_kernel"),
-    "decode_emu.h": ("lightning/lightning_decode.cu", "lightning_decode_kernel"),
+    "prefill_emu.h": ("lightning/lightning_prefill.cu", ("lightning_prefill_kernel", "lightning_prefill_bf16_kernel")),
+    "decode_emu.h": ("lightning/lightning_decode.cu", ("lightning_decode_kernel",)),
 }
 COMMON_SRC = "lightning/lightning_common.cuh"
 COMMON_OUT = "common_emu.h"
@@ -66,6 +75,18 @@ MUTATIONS = {
     # (a shared-memory race; ThreadSanitizer finds it, the numeric checks usually do not).
     "drop_state_barrier": ("prefill_emu.h", "    __syncthreads();     // every read of this chunk's tiles",
                            "    /* dropped */        // every read of this chunk's tiles"),
+    # bf16 kernel: the Q·S B operand (the state, ldmatrix.trans) with matrices 1 and 2 swapped
+    # (a wrong ldmatrix row address: k rows +8 and n columns +8 exchanged).
+    "bf16_ldsm_address": ("prefill_emu.h",
+                          "const uint32_t s_b = smem_u32(s_s + (lr + 8 * m1) * L::S_LD + c_base + 8 * m2);",
+                          "const uint32_t s_b = smem_u32(s_s + (lr + 8 * m2) * L::S_LD + c_base + 8 * m1);"),
+    # bf16 kernel: the cp.async wait before the chunk's barrier is dropped (tiles never land).
+    "bf16_drop_cp_async_wait": ("prefill_emu.h", "    cp_async_wait<1>();\n", "    /* dropped */\n"),
+    # bf16 kernel: waits for all but the newest TWO groups (chunk c's copies may still be pending).
+    "bf16_cp_async_wait_depth": ("prefill_emu.h", "    cp_async_wait<1>();\n", "    cp_async_wait<2>();\n"),
+    # bf16 kernel: the lo half of the decayed-key pair is dropped (keys rounded to bf16 once):
+    # the state loses the fp32 contract.
+    "bf16_state_pair_lo": ("prefill_emu.h", "mma_bf16(st[mi][ni], lo, fb[ni]);", "/* dropped */"),
     # Decode reduction over warps skips the last warp.
     "decode_reduce": ("decode_emu.h", "for (int w = 0; w < kDecodeWarps; ++w) sum += red_s[w][c];",
                       "for (int w = 0; w < kDecodeWarps - 1; ++w) sum += red_s[w][c];"),
@@ -135,7 +156,7 @@ def _poison_static_shared(kernel: str, where: str) -> str:
     return kernel[:end] + calls + kernel[end:]
 
 
-def _transform_kernel_file(text: str, kernel: str, where: str) -> str:
+def _transform_kernel_file(text: str, kernels: tuple[str, ...], where: str) -> str:
     if text.count(COMMON_INCLUDE) != 1:
         _fail(f"{where}: expected one line {COMMON_INCLUDE}")
     text = text.replace(COMMON_INCLUDE, f'#include "{COMMON_OUT}"')
@@ -143,20 +164,26 @@ def _transform_kernel_file(text: str, kernel: str, where: str) -> str:
                       r"\1* \2 = reinterpret_cast<\1*>(emu_dyn_smem);", text)
     if "extern __shared__" in text:
         _fail(f"{where}: unsupported 'extern __shared__' declaration")
-    heads = list(re.finditer(r"__global__[^;{]*\b" + re.escape(kernel) + r"\s*\([^;{]*\)\s*\{", text))
-    if len(heads) != 1:
-        _fail(f"{where}: expected exactly one __global__ definition of '{kernel}', found {len(heads)}")
-    open_pos = heads[0].end() - 1
-    close = _matching_brace(text, open_pos, where)
-    body = _poison_static_shared(text[open_pos:close + 1], where)
-    # Keep everything up to the kernel's end; host code (launchers, C API) is not emulated.
-    # The anonymous namespace and the two named ones the kernel sits in are closed again.
-    opened = re.findall(r"^namespace(?:\s+(\w+))?\s*\{", text[:open_pos], flags=re.M)
-    closed = len(re.findall(r"^\}\s*//\s*namespace", text[:open_pos], flags=re.M))
+    spans = []
+    for kernel in kernels:
+        heads = list(re.finditer(r"__global__[^;{]*\b" + re.escape(kernel) + r"\s*\([^;{]*\)\s*\{", text))
+        if len(heads) != 1:
+            _fail(f"{where}: expected exactly one __global__ definition of '{kernel}', found {len(heads)}")
+        open_pos = heads[0].end() - 1
+        spans.append((open_pos, _matching_brace(text, open_pos, where)))
+    spans.sort()
+    # Keep everything up to the last kernel's end; host code (launchers, C API) is not emulated.
+    # The anonymous namespace and the two named ones the kernels sit in are closed again.
+    last_open, last_close = spans[-1]
+    opened = re.findall(r"^namespace(?:\s+(\w+))?\s*\{", text[:last_open], flags=re.M)
+    closed = len(re.findall(r"^\}\s*//\s*namespace", text[:last_open], flags=re.M))
     depth = len(opened) - closed
     if depth < 0:
-        _fail(f"{where}: cannot follow the namespaces around '{kernel}'")
-    return text[:open_pos] + body + "\n" + "}  // namespace (closed by gen.py)\n" * depth
+        _fail(f"{where}: cannot follow the namespaces around '{kernels[-1]}'")
+    text = text[:last_close + 1]
+    for open_pos, close in reversed(spans):  # back to front: earlier offsets stay valid
+        text = text[:open_pos] + _poison_static_shared(text[open_pos:close + 1], where) + text[close + 1:]
+    return text + "\n" + "}  // namespace (closed by gen.py)\n" * depth
 
 
 def generate(out_dir: Path | str, csrc: Path | str = DEFAULT_CSRC, mutation: str | None = None) -> dict[str, Path]:
@@ -169,8 +196,8 @@ def generate(out_dir: Path | str, csrc: Path | str = DEFAULT_CSRC, mutation: str
     for func, (instr, body) in ASM_BODIES.items():
         common = _replace_asm_body(common, func, instr, body, where)
     texts[COMMON_OUT] = common
-    for out, (src, kernel) in KERNELS.items():
-        texts[out] = _transform_kernel_file((csrc / src).read_text(), kernel, str(csrc / src))
+    for out, (src, kernels) in KERNELS.items():
+        texts[out] = _transform_kernel_file((csrc / src).read_text(), kernels, str(csrc / src))
     for out, text in texts.items():
         code = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
         if re.search(r"\basm\b", code):
