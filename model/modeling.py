@@ -439,6 +439,9 @@ class MiniMaxM1ForCausalLM(nn.Module):
         if expert_parallel and tensor_parallel_size == 1:
             raise ValueError("expert_parallel=True needs tensor_parallel_size > 1 (the experts are spread "
                              "over the tensor-parallel ranks)")
+        if tensor_parallel_size != 1 and consistent:
+            raise ValueError("consistent=True needs tensor_parallel_size=1: the tensor-parallel all-reduces "
+                             "are not part of consistent mode's fixed arithmetic yet")
         if tensor_parallel_size != 1:
             from .parallel import TensorParallel
             tp = TensorParallel.from_process_group(config, tensor_parallel_size, process_group, expert_parallel)
@@ -469,6 +472,9 @@ class MiniMaxM1ForCausalLM(nn.Module):
     def consistent(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise TypeError(f"consistent must be a bool, got {type(value).__name__}")
+        if value and getattr(self, "tp", None) is not None:
+            raise ValueError("consistent=True needs tensor_parallel_size=1: the tensor-parallel all-reduces "
+                             "are not part of consistent mode's fixed arithmetic yet")
         self._consistent = value
 
     # ---------------------------------------------------------------- construction

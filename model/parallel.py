@@ -560,7 +560,9 @@ class ShardedRMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps, self.full_dim, self.tp = weight, eps, full_dim, tp
 
-    def forward(self, x):
+    def forward(self, x, consistent: bool = False):
+        # ``consistent``: the unsharded norm's argument; a tensor-parallel model refuses
+        # consistent mode (MiniMaxM1ForCausalLM.consistent), so it is always False here.
         xf = x.float()
         ss = self.tp.reduce_both(xf.pow(2).sum(-1, keepdim=True), "lightning_norm")
         return self.weight * (xf * torch.rsqrt(ss / self.full_dim + self.eps)).to(x.dtype)

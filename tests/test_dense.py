@@ -89,6 +89,22 @@ def test_pointwise_is_position_independent(dtype, fn):
     assert torch.equal(invariant_pointwise(fn, x), full[:600].view(20, 30).t())
 
 
+@pytest.mark.parametrize("threads", [3, 8])
+def test_pointwise_is_position_independent_with_more_threads(threads):
+    """With more threads than this machine's cores, ATen splits a long loop into per-thread
+    chunks, each with its own scalar tail: those must not reach the results."""
+    v = torch.randn(71_680, generator=torch.Generator().manual_seed(2)) * 3
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fn in (torch.sigmoid, F.silu):
+            full = invariant_pointwise(fn, v)
+            pieces = torch.cat([invariant_pointwise(fn, p) for p in v.split(256)])
+            assert torch.equal(full, pieces), fn.__name__
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_invariant_sum_adds_in_its_pairwise_tree_order():
     """[1, u, u, u, u, u, u, u] with u = 2^-24 (half an ulp of 1): the tree pairs element i with
     i + 4, then i with i + 2, then 0 with 1, giving 1 + 3·2^-23; a left-to-right sum rounds every

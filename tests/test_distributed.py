@@ -345,6 +345,8 @@ def test_refusals_name_the_argument(capsys):
         MiniMaxM1ForCausalLM(cfg, tensor_parallel_size=0)
     with pytest.raises(ValueError, match="expert_parallel=True needs tensor_parallel_size > 1"):
         MiniMaxM1ForCausalLM(cfg, expert_parallel=True)
+    with pytest.raises(ValueError, match="consistent=True needs tensor_parallel_size=1"):
+        MiniMaxM1ForCausalLM(cfg, tensor_parallel_size=2, consistent=True)
     from mm1_model.__main__ import main
     for argv, what in ((["--tp", "0"], "--tp must be"), (["--ep"], "--ep needs --tp")):
         with pytest.raises(SystemExit):

@@ -208,6 +208,41 @@ def test_cache_step_compiles_fullgraph():
         assert torch.equal(a, b)
 
 
+def test_cache_step_reads_nothing_back_to_the_host():
+    """Past the argument checks (``check_ids=False``, slopes checked once per tensor), a step
+    is device arithmetic only: no ``.item()``-style read (aten._local_scalar_dense), which
+    would stall every decode step on a GPU and break CUDA-graph capture."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    S, H, D = 3, 2, 16
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 5, H, D, generator=g) for _ in range(3))
+    partial_k, partial_v = (torch.randn(S, 64, H, D, generator=g) for _ in range(2))
+    slopes, state = torch.rand(H, generator=g), torch.zeros(S, H, D, D)
+    args = (q, k, v, slopes, state, partial_k, partial_v, torch.tensor([2, 0], dtype=torch.int32),
+            torch.tensor([70, 3]))
+    mk.lightning_chunk_cache_step(*args, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32),
+                                  backend="torch", check_ids=False)  # the slopes' one-time check
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with CountReads():  # sees the op's Python part and the custom op as one call
+        mk.lightning_chunk_cache_step(*args, cu_seqlens=cu, backend="torch", check_ids=False)
+    # The custom op's body runs with the mode off, so its packing and storing are called here.
+    from mm1_kernels.lightning.consistent import pack_partial_chunks, store_partial_chunks_
+
+    with CountReads():
+        packed = pack_partial_chunks(q, k, v, partial_k, partial_v, args[7], args[8], cu)
+        store_partial_chunks_(packed[1], packed[2], partial_k, partial_v, args[7], args[8], cu, packed[3], 5)
+    assert CountReads.reads == 0
+
+
 def test_validation_names_the_argument():
     q, k, v = _qkv(3, torch.float32, seed=0)
     state, pk, pv = (torch.zeros(2, *shape, device=DEV) for shape in ((H, D, DV), (C, H, D), (C, H, DV)))

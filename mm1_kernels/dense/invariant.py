@@ -23,24 +23,28 @@ import torch.nn.functional as F
 
 # A multiple of every vectorized loop's step (2 vectors: 32 fp32 / 64 bf16 lanes on AVX512);
 # times the thread count, so each thread's chunk of a parallel loop is a multiple of it too.
-VECTOR_PAD = 256
+# Elements per call of an elementwise function on the CPU: a multiple of every vector loop's
+# step (2 × 64 bytes at most) and under ATen's parallel grain (32,768 elements), so each call
+# runs on one thread as whole vector steps, with no scalar tail anywhere.
+CPU_SLICE = 16384
 
 
 def invariant_pointwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` for an elementwise ``fn``, with every element through the same (vectorized) code.
 
-    On the CPU the flattened input is zero-padded to a multiple of ``VECTOR_PAD`` × threads
-    (ATen splits a loop of n elements into chunks of max(32768, n / threads), all multiples of
-    it then, and a chunk's loop has no scalar tail). On other devices every element already runs
-    the same code. Differentiable."""
+    On the CPU, ATen runs an elementwise loop as vector steps plus a scalar tail, and the tail
+    can round differently (fp32 sigmoid and silu do); with several threads every thread's
+    chunk has its own tail, at positions that depend on n and the thread count. So the
+    flattened input is zero-padded to a multiple of ``CPU_SLICE`` and ``fn`` runs once per
+    slice (one thread, no tail). On other devices every element already runs the same code.
+    Differentiable."""
     if x.device.type != "cpu":
         return fn(x)
     n = x.numel()
-    chunk = VECTOR_PAD * max(1, torch.get_num_threads())
-    padded = -(-n // chunk) * chunk
-    if padded == n and x.is_contiguous():
-        return fn(x)
-    return fn(F.pad(x.reshape(-1), (0, padded - n)))[:n].view(x.shape)
+    padded = max(1, -(-n // CPU_SLICE)) * CPU_SLICE
+    flat = F.pad(x.reshape(-1), (0, padded - n))
+    out = torch.cat([fn(piece) for piece in flat.split(CPU_SLICE)])
+    return out[:n].view(x.shape)
 
 
 def invariant_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -92,13 +92,15 @@ def store_partial_chunks_(k2, v2, partial_k, partial_v, slot_ids, cached_lens, c
     ok = valid[seq]
     # Rows of padding sequences are pointed at the first writing token's row with its very
     # value (or, when no token writes, at row 0 with its current value): no boolean indexing.
-    first = ok.int().argmax()
+    # Index with one-element tensors (index_select), never 0-d ones: tensor[0-d tensor] reads
+    # the index back to the host (a sync per call).
+    first = ok.int().argmax().view(1)
     any_ok = ok.any()
     for packed, partial in ((k2, partial_k), (v2, partial_v)):
         flat = partial.view(S * CHUNK, *partial.shape[2:])
         values = torch.where(keep[:, None, None], packed[0, src], 0)
-        dest0 = torch.where(any_ok, dest[first], 0)
-        value0 = torch.where(any_ok, values[first], flat[dest0])
+        dest0 = torch.where(any_ok, dest.index_select(0, first), 0)                       # [1]
+        value0 = torch.where(any_ok, values.index_select(0, first), flat.index_select(0, dest0))
         flat.index_put_((torch.where(ok, dest, dest0),), torch.where(ok[:, None, None], values, value0))
 
 

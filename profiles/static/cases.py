@@ -107,11 +107,15 @@ def _sm_count_132():
         P._num_sms = orig
 
 
-def lightning_prefill(B: int, T: int, heads: int = H, precision: str = "default") -> OpCase:
+def lightning_prefill(B: int, T: int, heads: int = H, precision: str = "default",
+                      consistent: bool = False) -> OpCase:
     """The Triton prefill as ``lightning_prefill_triton`` launches it on an H100 (132 SMs).
 
     Programs are (segment, head, value tile) in a 1-D grid, value tile fastest; at D = 128 one
     value tile covers Dv, so each program reads its q, k, v chunk once and writes o once.
+    ``consistent``: as ``lightning_attention(consistent=True)`` launches it: never split, one
+    program walks a whole sequence (the work is the same; fewer programs may leave SMs idle,
+    which this roofline does not model: see the case's notes).
     """
     import torch
 
@@ -120,8 +124,10 @@ def lightning_prefill(B: int, T: int, heads: int = H, precision: str = "default"
     bv, warps, stages = P.prefill_tiles(D, D, torch.bfloat16)
     nv = cdiv(D, bv)
     with _sm_count_132():
-        seg = P.choose_segment_len(B * T, B, heads, nv, heads * D * D * 4, torch.device("cuda"))
-    suffix = (f"-H{heads}" if heads != H else "") + (f"-{precision}" if precision != "default" else "")
+        seg = None if consistent else P.choose_segment_len(B * T, B, heads, nv, heads * D * D * 4,
+                                                           torch.device("cuda"))
+    suffix = ((f"-H{heads}" if heads != H else "") + (f"-{precision}" if precision != "default" else "")
+              + ("-consistent" if consistent else ""))
     case = OpCase(f"lightning-prefill-B{B}-T{T}{suffix}", "lightning", "prefill",
                   dict(B=B, T=T, H=heads, D=D, dtype="bf16"))
     chunks_total = B * cdiv(T, CHUNK)               # chunks per (head, value tile)
@@ -164,8 +170,11 @@ def lightning_prefill(B: int, T: int, heads: int = H, precision: str = "default"
             chunks_total * heads * nv,
             f"one chunk loop per program: {cdiv(T, CHUNK)} chunks × {G * heads * nv} programs ({loop_out})",
             flops_op, out_bytes(G, B, False)))
-        case.notes = (f"one segment per sequence (B·H·nv = {B * heads * nv} programs > "
-                      f"{P.PROGRAMS_PER_SM} × 132 / 2)")
+        progs = B * heads * nv
+        case.notes = (f"consistent mode: never split, {progs} programs, one per (sequence, head, value tile) "
+                      f"on 132 SMs: at most {min(1.0, progs / (P.PROGRAMS_PER_SM * H100_SMS)):.0%} of the SMs "
+                      "busy (not in the model est.)" if consistent else
+                      f"one segment per sequence (B·H·nv = {progs} programs > {P.PROGRAMS_PER_SM} × 132 / 2)")
         return case
 
     nseg = cdiv(T, seg)                               # per sequence
@@ -250,17 +259,20 @@ def expected_row_tiles(T: int, bm: int) -> float:
     return E * total
 
 
-def moe(T: int, inter: int, dtype: str) -> OpCase:
+def moe(T: int, inter: int, dtype: str, consistent: bool = False) -> OpCase:
+    """``consistent``: ``fused_moe(consistent=True)``: tile_configs.CONSISTENT_CONFIG at every T."""
     from mm1_kernels.moe import triton_fused_moe as F
+    from mm1_kernels.moe.tile_configs import CONSISTENT_CONFIG
 
     from bench.moe import touched_experts
 
-    case = OpCase(f"moe-I{inter}-T{T}-{dtype}", "moe", "prefill" if T > 64 else "decode",
+    case = OpCase(f"moe-I{inter}-T{T}-{dtype}" + ("-consistent" if consistent else ""), "moe",
+                  "prefill" if T > 64 else "decode",
                   dict(T=T, hidden=HIDDEN, I=inter, E=E, top_k=TOP_K, dtype=dtype))
     q = dtype == "int8"
     wt, w_elt = ("i8", 1) if q else ("bf16", 2)
     n = T * TOP_K
-    c = F.moe_config(inter, HIDDEN, T)
+    c = dict(CONSISTENT_CONFIG) if consistent else F.moe_config(inter, HIDDEN, T)
     direct = n <= F.DIRECT_MAX_ENTRIES
     bm = 16 if direct else c["BLOCK_M"]
     group_m = F.DIRECT_MAX_ENTRIES if direct else c["GROUP_M"]
@@ -813,6 +825,46 @@ def lightning_backward(B: int, T: int, heads: int = H) -> OpCase:
     return case
 
 
+# ----------------------------------------------------------------------------- dense (consistent mode)
+
+DENSE = "mm1_kernels.dense.triton_linear"
+
+
+def invariant_linear(T: int, n_out: int, k_in: int, label: str) -> OpCase:
+    """``mk.invariant_linear`` (consistent mode's projections) as its Triton backend launches it:
+    fixed BLOCK_M × BLOCK_N × BLOCK_K tiles at every row count, grid (row tile, column tile),
+    row tile fastest in launch order. Bytes: the row tiles of one column tile are adjacent, so
+    the weight tile is read once while the x tiles are re-read per column tile unless L2 keeps
+    them; the rule of :func:`_head_l2` (same accounting as the head: x tiles play the hidden
+    tiles, weight tiles the vocabulary steps)."""
+    from mm1_kernels.dense import triton_linear as L
+
+    bm, bn, bk = L.BLOCK_M, L.BLOCK_N, L.BLOCK_K
+    case = OpCase(f"dense-invariant-{label}-T{T}", "dense", "prefill",
+                  dict(T=T, N=n_out, K=k_in, dtype="bf16"))
+    mt, nt = cdiv(T, bm), cdiv(n_out, bn)
+    flops = 2 * T * n_out * k_in
+
+    def f(ctas):
+        x_tile, w_tile = bm * k_in * 2, bn * k_in * 2
+        x_reads, w_reads, text = _head_l2(mt, nt, nt, mt, window(ctas), x_tile, w_tile)
+        out = T * n_out * 2
+        no_reuse = mt * nt * (x_tile + w_tile) + out
+        return no_reuse, x_reads * x_tile + w_reads * w_tile + out, text + f"; out {out / 1e9:.3f} GB"
+
+    case.launches.append(Launch(
+        f"invariant linear {bm}x{bn}x{bk}",
+        (DENSE, "invariant_linear_kernel", dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16"),
+         dict(PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), 4, 3,
+         tuple(a for a in ("x_ptr", "w_ptr", "out_ptr", "N", "K", "stride_xm", "stride_wn", "stride_om")
+               if a in L.invariant_linear_kernel.arg_names)),
+        (mt, nt), mt * nt, mt * nt * cdiv(k_in, bk),
+        f"K loop {cdiv(k_in, bk)} trips × {mt} row tiles × {nt} column tiles", flops, f))
+    case.notes = ("consistent mode's batch-invariant GEMM (one tile shape, no split-K); the default mode "
+                  "runs these projections through torch (cuBLAS)")
+    return case
+
+
 def all_cases() -> list[OpCase]:
     out = [lightning_prefill(8, 4096), lightning_prefill(1, 32768), lightning_prefill(1, 1 << 20),
            lightning_prefill(1, 1 << 20, heads=8), lightning_prefill(8, 4096, precision="high")]
@@ -825,6 +877,10 @@ def all_cases() -> list[OpCase]:
     out += [head_forward(8192), head_forward(8192, compensate=True), head_backward(8192)]
     out += [moe_backward(4096, 9216)]
     out += [lightning_backward(1, 32768), lightning_backward(1, 1 << 20, heads=8)]
+    # Consistent mode (mm1_model's consistent=True): the kernels it launches instead.
+    out += [lightning_prefill(1, 32768, consistent=True), moe(4096, 9216, "bf16", consistent=True),
+            moe(4096, 1152, "bf16", consistent=True),
+            invariant_linear(4096, 3 * H * D, HIDDEN, "qkv"), invariant_linear(4096, HIDDEN, H * D, "out")]
     return out
 
 

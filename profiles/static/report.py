@@ -17,6 +17,10 @@ def _op_cost(case) -> tuple[float, float, str]:
         p = case.params
         b = p["T"] * p["E"] * 4 + p["T"] * p["top_k"] * 8
         return 0.0, float(b), "route: logits read, weights and ids written"
+    if case.op == "dense":
+        p = case.params
+        return (2.0 * p["T"] * p["N"] * p["K"], float((p["T"] * p["K"] + p["N"] * p["K"] + p["T"] * p["N"]) * 2),
+                "dense: 2·T·N·K; x and w read once, out written once (bf16)")
     if case.name.startswith("head-backward"):
         p = case.params
         return (2.0 * p["T"] * p["V"] * p["hidden"], float((p["T"] + p["V"]) * p["hidden"] * 2),
