@@ -196,9 +196,21 @@ def markdown(rep: dict) -> str:
                        f"{r['stack_bytes']} | "
                        f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} ({r['limited_by']}) | {_mma(r)} | "
                        f"{r['memory_path']} |")
-        out += ["", "CUDA issued ÷ counted and bytes: n/a — hand-written loops whose trip structure is not "
-                "derived here (profiles/notes/lightning_prefill.md and the kernels' header comments "
-                "describe their loops)."]
+        loops = [r for r in rep["cuda"] if "loop_instructions" in r]
+        if loops:
+            out += ["", "Chunk loops of the CUDA lightning prefill (static SASS of the loop body: the full "
+                    "causal row tile's path, straight-line in the cp.async builds); issued ÷ counted is "
+                    "profiles/static/cuda.py's model of the loop (causal 16×16 tiles only, the state "
+                    "update's pair counted twice), an estimate:", "",
+                    "| kernel | loop instructions | HMMA | LDSM | LDGSTS | instructions per HMMA | issued ÷ counted |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
+            for r in loops:
+                ratio = r.get("issued_over_counted_model")
+                out.append(f"| {r['kernel']} | {r['loop_instructions']} | {r['loop_hmma']} | {r['loop_ldsm']} | "
+                           f"{r['loop_ldgsts']} | {r['loop_instructions_per_mma']:.2f} | "
+                           f"{'-' if ratio is None else f'{ratio:.3f}×'} |")
+        out += ["", "CUDA bytes ÷ minimum: n/a — hand-written loops whose memory traffic is not modeled "
+                "here (the kernels' header comments describe their loops)."]
     out += ["", "## Models per case", ""]
     for op in rep["ops"]:
         out.append(f"- **{op['case']}** — {op['cost_note']}. {op['notes']}")
