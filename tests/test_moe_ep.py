@@ -290,9 +290,9 @@ def test_padded_weights_are_not_copied(device, monkeypatch):
     seen = {}
     real = f.fused_moe_triton
 
-    def spy(x, w13, w2, *args):
+    def spy(x, w13, w2, *args, **kwargs):
         seen["ptrs"] = (w13.data_ptr(), w13.stride(), w2.data_ptr(), w2.stride())
-        return real(x, w13, w2, *args)
+        return real(x, w13, w2, *args, **kwargs)
 
     monkeypatch.setattr(f, "fused_moe_triton", spy)
     mk.fused_moe(x, p13, p2, tw, ids, backend="triton")
