@@ -123,10 +123,6 @@ class LightningAttention(nn.Module):
         # fixed-order forms (the default mode's fast paths otherwise).
         qkv = activation(F.silu, linear(x, self.qkv_proj, step), step).view(B, T, H, 3 * D)
         q, k, v = qkv.split(D, dim=-1)  # views; the kernels need unit stride only in the last dim
-        if step.mode != "full" and step.cache.consistent != step.consistent:
-            # The two modes keep different states in a slot (consistent: at the chunk boundary).
-            raise ValueError(f"cache was made with consistent={step.cache.consistent}, the model runs with "
-                             f"consistent={step.consistent}: make the cache with model.new_cache")
         if step.consistent and step.mode != "full":
             o = self._consistent_step(q, k, v, step)
         elif step.mode == "decode":
@@ -640,7 +636,8 @@ class MiniMaxM1ForCausalLM(nn.Module):
     def _check_cache(self, cache) -> None:
         if not isinstance(cache, MiniMaxM1Cache):
             raise TypeError(f"cache must be a MiniMaxM1Cache (model.new_cache), got {type(cache).__name__}")
-        cache.check_fits(self.config, self.device, **self._cache_heads())
+        # The two modes keep different states in a slot (consistent: at the chunk boundary).
+        cache.check_fits(self.config, self.device, consistent=self.consistent, **self._cache_heads())
 
     def forward(self, input_ids: torch.Tensor, return_logits: bool = True,
                 check_ids: bool = True) -> CausalLMOutput:

@@ -33,7 +33,10 @@ register_op("invariant_linear", backends=("torch", "triton"))
 ROW_BLOCK = 64
 
 
-def _linear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def invariant_linear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (x ``[M, K]``, weight ``[N, K]``) in fp32 through fixed 64-row zero-padded
+    blocks: the torch backend of :func:`invariant_linear`, also the consistent-mode MoE's GEMM
+    (no checks, no dispatch: callers have validated their operands)."""
     M = x.shape[0]
     wt = weight.float().t()
     out = torch.empty(M, weight.shape[0], dtype=torch.float32, device=x.device)
@@ -54,7 +57,7 @@ def _invariant_linear_op(x: torch.Tensor, weight: torch.Tensor, backend: str) ->
     if backend == "triton":
         from .triton_linear import invariant_linear_triton
         return invariant_linear_triton(x, weight)
-    return _linear_torch(x, weight)
+    return invariant_linear_torch(x, weight)
 
 
 @_invariant_linear_op.register_fake

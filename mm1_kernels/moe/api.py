@@ -52,7 +52,7 @@ def _fused_moe_invariant_torch(x, w13, w2, topk_weights, topk_ids, w13_scale, w2
     token-count-dependent step made fixed. An expert's rows go through fixed-shape row blocks
     (``invariant_linear``'s torch GEMM), silu through the vectorized path for every element,
     and a token's k slots are added in slot order, as the Triton combine does."""
-    from ..dense.api import _linear_torch
+    from ..dense.api import invariant_linear_torch
     from ..dense.invariant import invariant_pointwise
     T, hidden = x.shape
     E, two_i, _ = w13.shape
@@ -68,9 +68,9 @@ def _fused_moe_invariant_torch(x, w13, w2, topk_weights, topk_ids, w13_scale, w2
             down = reference.dequantize_moe_weight(w2[e], w2_scale[e], torch.float32)
         else:
             g_u, down = w13[e], w2[e]
-        gate_up = _linear_torch(xf.index_select(0, entries // k), g_u)
+        gate_up = invariant_linear_torch(xf.index_select(0, entries // k), g_u)
         h = invariant_pointwise(F.silu, gate_up[:, :inter]) * gate_up[:, inter:]
-        rows[entries] = _linear_torch(h, down) * flat_w[entries, None]
+        rows[entries] = invariant_linear_torch(h, down) * flat_w[entries, None]
     rows = rows.view(T, k, hidden)
     out = rows[:, 0]
     for j in range(1, k):
