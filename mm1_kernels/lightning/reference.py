@@ -106,6 +106,21 @@ def _causal_matmul(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out[:, :m]
 
 
+def _chunk_setup(q, v, slopes, cu_seqlens, C, dtype):
+    """What both chunked forms start from: slopes in ``dtype``, the sequences, empty o and final
+    states, chunk positions, the causal mask and the intra-chunk decays λ^(j-i) [H, C, C]."""
+    B, T, H, D = q.shape
+    s = slopes.to(device=q.device, dtype=dtype)
+    seqs = _sequences(T, B, cu_seqlens)
+    o = torch.empty(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
+    final = torch.empty(len(seqs), H, D, v.shape[-1], dtype=torch.float32, device=q.device)
+    pos = torch.arange(C, device=q.device, dtype=dtype)
+    diff = pos[:, None] - pos[None, :]                                        # j - i
+    causal = diff >= 0
+    intra_decay = torch.where(causal, torch.exp(-s[:, None, None] * diff.clamp(min=0)), 0.0)  # [H, C, C]
+    return s, seqs, o, final, pos, causal, intra_decay
+
+
 def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
                       chunk_size: int = 64, dtype: torch.dtype = torch.float32,
                       consistent: bool = False, boundary_state: bool = False):
@@ -132,14 +147,7 @@ def lightning_chunked(q, k, v, slopes, initial_state=None, cu_seqlens=None,
                                         boundary_state)
     B, T, H, D = q.shape
     Dv = v.shape[-1]
-    s = slopes.to(device=q.device, dtype=dtype)
-    seqs = _sequences(T, B, cu_seqlens)
-    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
-    final = torch.empty(len(seqs), H, D, Dv, dtype=torch.float32, device=q.device)
-    pos = torch.arange(chunk_size, device=q.device, dtype=dtype)
-    diff = pos[:, None] - pos[None, :]                                        # j - i
-    causal = diff >= 0
-    intra_decay = torch.where(causal, torch.exp(-s[:, None, None] * diff.clamp(min=0)), 0.0)  # [H, C, C]
+    s, seqs, o, final, pos, causal, intra_decay = _chunk_setup(q, v, slopes, cu_seqlens, chunk_size, dtype)
     for n, (b, start, end) in enumerate(seqs):
         S = (initial_state[n].to(dtype) if initial_state is not None
              else torch.zeros(H, D, Dv, dtype=dtype, device=q.device))
@@ -163,14 +171,7 @@ def _lightning_chunked_fixed(q, k, v, slopes, initial_state, cu_seqlens, C, dtyp
     """:func:`lightning_chunked` with every block padded to C rows (its ``consistent`` form)."""
     B, T, H, D = q.shape
     Dv = v.shape[-1]
-    s = slopes.to(device=q.device, dtype=dtype)
-    seqs = _sequences(T, B, cu_seqlens)
-    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
-    final = torch.empty(len(seqs), H, D, Dv, dtype=torch.float32, device=q.device)
-    pos = torch.arange(C, device=q.device, dtype=dtype)
-    diff = pos[:, None] - pos[None, :]                                        # j - i
-    causal = diff >= 0
-    intra_decay = torch.where(causal, torch.exp(-s[:, None, None] * diff.clamp(min=0)), 0.0)  # [H, C, C]
+    s, seqs, o, final, pos, causal, intra_decay = _chunk_setup(q, v, slopes, cu_seqlens, C, dtype)
     inter_decay = torch.exp(-s[:, None, None] * (pos + 1)[None, :, None])    # λ^(j+1) [H, C, 1]
 
     def block(x, b, c, m):
