@@ -25,8 +25,8 @@ def nvcc() -> str | None:
     return None
 
 
-def nvcc_version() -> str:
-    exe = nvcc()
+def nvcc_version(exe: str | None = None) -> str:
+    exe = exe or nvcc()
     if not exe:
         return "not found"
     out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
@@ -63,9 +63,13 @@ def prefill_bf16_issued_over_counted(d: int = 128, dv: int = 128, chunk: int = 6
 
 def chunk_loop_summary(sass: str) -> dict:
     """SASS of the widest backward branch (the chunk loop of the prefill kernels): instructions,
-    HMMA, LDSM, LDGSTS, and instructions per HMMA. In the bf16 cp.async instantiations the
-    loop body is straight-line code (the k-loops are unrolled, the tile copies too), so these
-    static counts are what the warp with the full causal row tile executes per chunk."""
+    HMMA, LDSM, LDGSTS, local-memory accesses (LDL/STL: spills) and instructions per HMMA. A
+    backward branch that overlaps that span only in part is code the compiler moved out of line
+    and branches back from (FlashAttention-2's K-tile copy under `if (n_block > n_block_min)`
+    sits just above its loop), so its span is merged in; a loop nested inside changes nothing.
+    In the bf16 cp.async instantiations the loop body is straight-line code (the k-loops are
+    unrolled, the tile copies too), so these static counts are what the warp with the full
+    causal row tile executes per chunk. The same function counts the FA2 yardstick (yardstick.py)."""
     lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", ln)]
     addrs = [int(re.match(r"\s*/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
     ops = sass_instructions("\n".join(lines))
@@ -77,15 +81,44 @@ def chunk_loop_summary(sass: str) -> dict:
     if not loops:
         return {}
     lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    merged = True
+    while merged:
+        merged = False
+        for a, b in loops:
+            if a <= hi and b >= lo and (a < lo or b > hi):
+                lo, hi, merged = min(lo, a), max(hi, b), True
     body = [op for op, a in zip(ops, addrs) if lo <= a <= hi]
     hmma = sum(op.startswith("HMMA") for op in body)
     return {"loop_instructions": len(body), "loop_hmma": hmma,
             "loop_ldsm": sum(op.startswith("LDSM") for op in body),
             "loop_ldgsts": sum(op.startswith("LDGSTS") for op in body),
+            "loop_local": sum(op.startswith(("LDL", "STL")) for op in body),
             "loop_instructions_per_mma": round(len(body) / hmma, 2) if hmma else None}
 
 
-def _demangle(names: list[str]) -> dict[str, str]:
+def ptxas_stats(stderr: str) -> dict[str, dict]:
+    """`ptxas -v` per entry function (mangled name): registers, stack and spill bytes, static smem."""
+    stats, current = {}, None
+    for line in stderr.splitlines():
+        if m := re.search(r"Compiling entry function '([^']+)'", line):
+            current = m.group(1)
+            stats[current] = {"registers": -1, "spill_bytes": 0, "stack_bytes": 0, "static_shared_bytes": 0}
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)):
+            stats[current]["stack_bytes"] = int(m.group(1))
+            stats[current]["spill_bytes"] = int(m.group(2))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            stats[current]["registers"] = int(m.group(1))
+            if s := re.search(r"(\d+) bytes smem", line):
+                stats[current]["static_shared_bytes"] = int(s.group(1))
+    return stats
+
+
+def sass_functions(sass: str) -> dict[str, str]:
+    """`cuobjdump -sass` text split per function: mangled name -> its SASS."""
+    return dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
+
+
+def demangle(names: list[str]) -> dict[str, str]:
     exe = shutil.which("c++filt") or shutil.which("cu++filt")
     if not exe:
         return {n: n for n in names}
@@ -102,6 +135,60 @@ M1_USE = {
 }
 
 
+def launch_bounds(elf: str) -> dict[str, int]:
+    """Threads per block each kernel was compiled for (`__launch_bounds__`, EIATTR_MAX_THREADS in
+    `cuobjdump -elf`), by mangled name; every csrc/ kernel declares one."""
+    out = {}
+    for name, info in re.findall(r"^\.nv\.info\.(\S+)\n(.*?)(?=^\.\S|\Z)", elf, re.S | re.M):
+        if m := re.search(r"EIATTR_MAX_THREADS\s*\n\s*Format:\s*\S+\s*\n\s*Value:\s*((?:0x[0-9a-f]+\s*)+)", info):
+            dims = [int(x, 16) for x in m.group(1).split()]
+            out[name] = dims[0] * (dims[1] if len(dims) > 1 else 1) * (dims[2] if len(dims) > 2 else 1)
+    return out
+
+
+def kernel_name(pretty: str) -> tuple[str, str]:
+    """(kernel, template arguments) of a demangled signature; '' for a kernel that is no template
+    (or a name c++filt could not demangle: then the whole name)."""
+    if m := re.search(r"(\w+)<(.*?)>\(", pretty):
+        return m.group(1), re.sub(r"\(int\)", "", m.group(2)).strip()
+    if m := re.search(r"(\w+)\(", pretty):
+        return m.group(1), ""
+    return pretty, ""
+
+
+def kernel_row(file: str, pretty: str, st: dict, body: str, threads: int | None) -> dict | None:
+    """One row of the CUDA table, or None for an fp32/fp16 instantiation (M1 runs bf16). Kernels
+    this module has no model for (new instantiations, new kernels) are listed with their ptxas
+    and SASS facts only; their dynamic shared memory is not known here (smem = static only)."""
+    kernel, targs = kernel_name(pretty)
+    use = M1_USE.get((kernel, targs))
+    if use is None and "bfloat16" not in targs and re.search(r"\b(float|double|__half|half)\b", targs):
+        return None  # fp32/fp16 instantiations: not launched by M1 (bf16)
+    threads = threads or 256  # no launch bound in the cubin: kPrefillThreads, kDecodeThreads
+    smem = st["static_shared_bytes"]
+    extra: dict = {}
+    ints = [int(x) for x in re.findall(r"(?<![\w.])-?\d+(?![\w.])", targs)]
+    if kernel == "lightning_prefill_kernel" and len(ints) >= 2:
+        smem += _prefill_smem(ints[0], ints[1])  # <T, DMAX, BV>
+    elif kernel == "lightning_prefill_bf16_kernel" and len(ints) >= 2:
+        smem += _prefill_bf16_smem(ints[0], ints[1])  # <DMAX, BV, ASYNC, ...>
+        extra = chunk_loop_summary(body)
+        if use:
+            extra["issued_over_counted_model"] = round(prefill_bf16_issued_over_counted(), 3)
+    if extra.get("loop_instructions_per_mma"):
+        extra["loop_per_mma_over_fa2"] = per_mma_over_fa2(extra["loop_instructions_per_mma"])
+    return {"file": file, "kernel": f"{kernel}<{targs}>" if targs else kernel, "m1_use": use or "-",
+            **st, "shared_bytes": smem, "threads": threads,
+            **ctas_per_sm(st["registers"], smem, threads), **sass_summary(body), **extra}
+
+
+def per_mma_over_fa2(per_mma: float, yardstick: dict | None = None) -> float | None:
+    """Our instructions per HMMA ÷ those of the FA2 yardstick's reference loop (yardstick.json)."""
+    from .yardstick import load, reference
+    ref = reference(yardstick if yardstick is not None else load())
+    return round(per_mma / ref["loop_instructions_per_mma"], 2) if ref else None
+
+
 def compile_cuda() -> list[dict]:
     exe = nvcc()
     if exe is None:
@@ -109,50 +196,21 @@ def compile_cuda() -> list[dict]:
     from .aot import _tool
     rows = []
     for src in sorted(CSRC.rglob("*.cu")):
+        file = str(src.relative_to(ROOT))
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "k.cubin")
             out = subprocess.run([exe, *NVCC_FLAGS, "-Xptxas", "-v", f"-I{CSRC}", "-cubin", str(src), "-o", cubin],
                                  capture_output=True, text=True, timeout=900)
             if out.returncode:
-                rows.append({"file": str(src.relative_to(ROOT)), "error": out.stderr[-2000:]})
+                rows.append({"file": file, "error": out.stderr[-2000:]})
                 continue
             sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-        stats, current = {}, None
-        for line in out.stderr.splitlines():
-            if m := re.search(r"Compiling entry function '([^']+)'", line):
-                current = m.group(1)
-                stats[current] = {"registers": -1, "spill_bytes": 0, "stack_bytes": 0, "static_shared_bytes": 0}
-            elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)):
-                stats[current]["stack_bytes"] = int(m.group(1))
-                stats[current]["spill_bytes"] = int(m.group(2))
-            elif current and (m := re.search(r"Used (\d+) registers", line)):
-                stats[current]["registers"] = int(m.group(1))
-                if s := re.search(r"(\d+) bytes smem", line):
-                    stats[current]["static_shared_bytes"] = int(s.group(1))
-        bodies = dict(re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S))
-        names = _demangle(list(stats))
+            elf = subprocess.run([_tool("cuobjdump"), "-elf", cubin], capture_output=True, text=True).stdout
+        stats = ptxas_stats(out.stderr)
+        bodies, bounds = sass_functions(sass), launch_bounds(elf)
+        names = demangle(list(stats))
         for mangled, st in stats.items():
-            pretty = names[mangled]
-            m = re.search(r"(\w+)<(.*?)>\(", pretty)
-            kernel, targs = (m.group(1), m.group(2)) if m else (pretty, "")
-            targs = re.sub(r"\(int\)", "", targs).strip()
-            use = M1_USE.get((kernel, targs))
-            if use is None and "bfloat16" not in targs and kernel != "lightning_prefill_bf16_kernel":
-                continue  # fp32/fp16 instantiations: not launched by M1 (bf16)
-            threads = 256  # kPrefillThreads, kDecodeThreads
-            smem = st["static_shared_bytes"]
-            extra = {}
-            if kernel == "lightning_prefill_kernel":
-                dmax, bv = (int(x) for x in targs.split(",")[1:3])
-                smem += _prefill_smem(dmax, bv)
-            elif kernel == "lightning_prefill_bf16_kernel":
-                dmax, bv = (int(x) for x in targs.split(",")[0:2])
-                smem += _prefill_bf16_smem(dmax, bv)
-                extra = chunk_loop_summary(bodies.get(mangled, ""))
-                if use:
-                    extra["issued_over_counted_model"] = round(prefill_bf16_issued_over_counted(), 3)
-            summ = sass_summary(bodies.get(mangled, ""))
-            rows.append({"file": str(src.relative_to(ROOT)), "kernel": f"{kernel}<{targs}>", "m1_use": use or "-",
-                         **st, "shared_bytes": smem, "threads": threads,
-                         **ctas_per_sm(st["registers"], smem, threads), **summ, **extra})
+            row = kernel_row(file, names[mangled], st, bodies.get(mangled, ""), bounds.get(mangled))
+            if row is not None:
+                rows.append(row)
     return rows

@@ -105,8 +105,13 @@ def build(cases, compiled: dict, cuda: list[dict], commit: str, seconds: float) 
         "commit": commit, "seconds": round(seconds, 1),
         "ceilings": {"bf16_dense_flops": PEAK_BF16, "hbm_bytes_per_s": HBM, "sms": 132,
                      "source": "H100 SXM / H200 datasheets"},
-        "ops": ops, "cuda": cuda,
+        "ops": ops, "cuda": cuda, "fa2_yardstick": _yardstick(),
     }
+
+
+def _yardstick() -> dict | None:
+    from .yardstick import load
+    return load()
 
 
 def _g(x, unit=1e9, fmt="{:,.2f}"):
@@ -201,13 +206,17 @@ def markdown(rep: dict) -> str:
             out += ["", "Chunk loops of the CUDA lightning prefill (static SASS of the loop body: the full "
                     "causal row tile's path, straight-line in the cp.async builds); issued ÷ counted is "
                     "profiles/static/cuda.py's model of the loop (causal 16×16 tiles only, the state "
-                    "update's pair counted twice), an estimate:", "",
-                    "| kernel | loop instructions | HMMA | LDSM | LDGSTS | instructions per HMMA | issued ÷ counted |",
-                    "|---|---:|---:|---:|---:|---:|---:|"]
+                    "update's pair counted twice), an estimate. " + _yardstick_sentence(rep.get("fa2_yardstick")),
+                    "",
+                    "| kernel | loop instructions | HMMA | LDSM | LDGSTS | instructions per HMMA | ÷ FA2 | "
+                    "issued ÷ counted |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for r in loops:
                 ratio = r.get("issued_over_counted_model")
+                fa2 = r.get("loop_per_mma_over_fa2")
                 out.append(f"| {r['kernel']} | {r['loop_instructions']} | {r['loop_hmma']} | {r['loop_ldsm']} | "
                            f"{r['loop_ldgsts']} | {r['loop_instructions_per_mma']:.2f} | "
+                           f"{'-' if fa2 is None else f'{fa2:.2f}×'} | "
                            f"{'-' if ratio is None else f'{ratio:.3f}×'} |")
         out += ["", "CUDA bytes ÷ minimum: n/a — hand-written loops whose memory traffic is not modeled "
                 "here (the kernels' header comments describe their loops)."]
@@ -218,6 +227,29 @@ def markdown(rep: dict) -> str:
             out.append(f"  - {r['kernel']}: trips: {r['loop']}. Bytes: {r['bytes_model']}."
                        + (f" {r['notes']}" if r["notes"] else ""))
     return "\n".join(out) + "\n"
+
+
+def _yardstick_sentence(y: dict | None) -> str:
+    """How the ÷ FA2 column was measured (profiles/static/yardstick.json)."""
+    from .yardstick import reference
+    ref = reference(y)
+    if ref is None:
+        return "÷ FA2: no yardstick (profiles/static/yardstick.json is absent; tools/fa2_yardstick.sh writes it)."
+    others = "; ".join(f"the {'causal' if k['causal'] else 'non-causal'} {k['block_m']}×{k['block_n']} loop "
+                       f"({k['used_on']}; {k['rows_per_warp']} rows per warp): {k['loop_instructions']} / "
+                       f"{k['loop_hmma']} = {k['loop_instructions_per_mma']:.2f}"
+                       for k in y["kernels"] if not k["reference"])
+    return (f"**÷ FA2** = instructions per HMMA ÷ those of FlashAttention-2's forward main loop, measured the "
+            f"same way: flash_fwd_kernel (head dim 128, bf16, {ref['block_m']}×{ref['block_n']} tile, "
+            f"{ref['warps']} warps of {ref['rows_per_warp']} rows, non-causal: what FA2 runs on {ref['used_on']}) "
+            f"of flash-attention {y['flash_attention_commit'][:12]} with CUTLASS {y['cutlass_commit'][:12]}, "
+            f"compiled by nvcc {y['nvcc']} for sm_90a with FA2's flags and counted by the same "
+            f"chunk_loop_summary: {ref['loop_instructions']} instructions / {ref['loop_hmma']} HMMA = "
+            f"{ref['loop_instructions_per_mma']:.2f} per HMMA ({ref['loop_ldsm']} LDSM, {ref['loop_ldgsts']} "
+            f"LDGSTS, {ref['loop_local']} spill accesses at {ref['registers']} registers)"
+            + (f"; also {others}" if others else "")
+            + f". The target for our loop is ≤ 2×. Data: profiles/static/yardstick.json ({y['date']}), "
+            "reproduced by tools/fa2_yardstick.sh.")
 
 
 def write(rep: dict, out: Path) -> None:
