@@ -73,7 +73,10 @@ def _best(fn, repeat, device):
     return best, out
 
 
-def measure(dtype: torch.dtype, consistent: bool, args) -> dict:
+def measure(dtype: torch.dtype, consistent: bool, args, backward: bool = True) -> dict:
+    """One (dtype, mode) row; ``args`` as :func:`parse_args` returns them. ``backward=False``
+    skips the forward + backward timing (``train_fwd_bwd_s`` is then None): the GPU probe's
+    consistency stage (bench/probe.py) calls this for the rollout-vs-training claim alone."""
     from mm1_model import MiniMaxM1Config, MiniMaxM1ForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +105,7 @@ def measure(dtype: torch.dtype, consistent: bool, args) -> dict:
             model.logprobs(s[None].to(device)).sum().backward()
 
     t_fwd, train_lp = _best(train, args.repeat, device)
-    t_bwd, _ = _best(train_backward, args.repeat, device)
+    t_bwd = _best(train_backward, args.repeat, device)[0] if backward else None
     new = torch.stack(train_lp).float()
     old = rollout_lp[:, :n].float()
     d = (new - old).abs()

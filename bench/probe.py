@@ -17,18 +17,24 @@ check over its tolerance), ``timed_out`` (killed at its budget; what it finished
     wheels               20  pip install --no-index --no-deps .wheels/*.whl (when present)
     build               215  MM1_REQUIRE_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .,
                              then an import check of mm1_kernels._C
-    correctness_lightning 50  prefill H=64 D=128 bf16 (B=2 T=2048, and varlen 5 sequences in
+    correctness_lightning 45  prefill H=64 D=128 bf16 (B=2 T=2048, and varlen 5 sequences in
                              4096 tokens, both from random initial states), decode B=64 (80 slots):
                              every backend but cuda vs the fp64 recurrence
-    correctness_moe      60  moe_route (T=1, 4096) and fused_moe E=32 hidden=6144 I=1152 top-2,
+    correctness_moe      50  moe_route (T=1, 4096) and fused_moe E=32 hidden=6144 I=1152 top-2,
                              T=1 and 4096, bf16 and int8 weight-only, vs fp64
-    correctness_head     50  head_logprobs V=200,064 hidden=6144 T=1024 bf16 forward and backward
+    correctness_head     45  head_logprobs V=200,064 hidden=6144 T=1024 bf16 forward and backward
                              vs fp64 autograd
-    correctness_backward 45  lightning_attention gradients (q, k, v, initial state; H=64 D=128
+    correctness_backward 40  lightning_attention gradients (q, k, v, initial state; H=64 D=128
                              T=512 bf16, final-state gradient too) and fused_moe gradients (x, w13,
                              w2, routing weights; E=32 hidden=6144 I=1152 T=256 bf16) vs fp64
                              autograd of the public references
-    ceilings             25  D2D copy GB/s (1 GiB, read+write) and bf16 matmul TFLOP/s (8192^3),
+    consistency          40  consistent mode's claim (bench/consistency.py's measure): the tiny model
+                             (random weights, bf16) generates for prompts of 5, 17, 33 and 70
+                             tokens, then the training forward scores the same sequences; with
+                             consistent=True every rollout logprob equals the training one
+                             bitwise (checked); default mode's mismatch is reported. Triton on a
+                             GPU, torch with --tiny
+    ceilings             15  D2D copy GB/s (1 GiB, read+write) and bf16 matmul TFLOP/s (8192^3),
                              bench/common.py's measure_ceilings
     -- wait for the background (at most until its 235 s are spent) --
     correctness_lightning_cuda 25  the same lightning checks, backend="cuda"
@@ -46,7 +52,8 @@ check over its tolerance), ``timed_out`` (killed at its budget; what it finished
                              tests/test_head_cuda.py -m "not slow" -k "not compute_sanitizer"
                              (the CUDA C++ backends vs fp64; counts stream, so a timeout keeps them)
 
-Worst case: env 20 + max(background 235, correctness + ceilings 230) + the rest 280 = 535 s
+Worst case: env 20 + max(background 235, correctness + consistency + ceilings 235) + the rest
+280 = 535 s
 (asserted below 540 at import), and a global deadline (525 s after the start) trims any stage's
 timeout that would pass it, so the probe ends inside 9 minutes by construction (plus a few
 seconds to write the files). ``--skip a,b`` skips stages (e.g. ``--skip build,tests`` for a rerun).
@@ -109,12 +116,16 @@ class Stage:
 ENV = Stage("env", 20, False, what="device, versions, commit")
 WHEELS = Stage("wheels", 20, True, what="offline install of .wheels/*.whl")
 BUILD = Stage("build", 215, True, what="the CUDA extension (pip install -e .), then import check")
+# Phase A's budgets sum to the background's 235 s. The consistency stage's 40 s came out of the
+# others (lightning 50 → 45, moe 60 → 50, head 50 → 45, backward 45 → 40, ceilings 25 → 15),
+# none yet timed on a GPU, so that the worst case stays 535 s.
 PHASE_A = [  # while the build runs
-    Stage("correctness_lightning", 50, False, what="lightning prefill (dense, varlen) and decode vs fp64"),
-    Stage("correctness_moe", 60, False, what="moe_route and fused_moe bf16/int8 vs fp64"),
-    Stage("correctness_head", 50, False, what="head_logprobs forward and backward vs fp64"),
-    Stage("correctness_backward", 45, False, what="lightning and fused_moe gradients vs fp64 autograd"),
-    Stage("ceilings", 25, False, what="D2D copy GB/s, bf16 matmul TFLOP/s"),
+    Stage("correctness_lightning", 45, False, what="lightning prefill (dense, varlen) and decode vs fp64"),
+    Stage("correctness_moe", 50, False, what="moe_route and fused_moe bf16/int8 vs fp64"),
+    Stage("correctness_head", 45, False, what="head_logprobs forward and backward vs fp64"),
+    Stage("correctness_backward", 40, False, what="lightning and fused_moe gradients vs fp64 autograd"),
+    Stage("consistency", 40, False, what="consistent mode: rollout vs training logprobs bitwise (tiny model)"),
+    Stage("ceilings", 15, False, what="D2D copy GB/s, bf16 matmul TFLOP/s"),
 ]
 PHASE_B = [  # after the build
     Stage("correctness_lightning_cuda", 25, True, True, "lightning, backend=cuda, vs fp64"),
@@ -476,6 +487,66 @@ def stage_correctness_backward(w: Worker) -> None:
             return [("rel", rel_err(g, r), TOL_BF16, name)
                     for g, r, name in zip(got, ref, ("dx", "dw13", "dw2", "dtopk_weights"))]
         w.check("fused_moe", f"backward T={Tm} E={E} hidden={hidden} I={inter} top{top_k} bf16", b, "gradients", run)
+
+
+def _import_mm1_model():
+    """``mm1_model`` (the model/ folder) as installed, or straight from this checkout: the stage
+    runs while the build stage's ``pip install -e .`` (which maps the name) may not have run."""
+    import importlib
+    import importlib.util
+    try:
+        return importlib.import_module("mm1_model"), "installed"
+    except ModuleNotFoundError as exc:
+        if exc.name != "mm1_model":
+            raise
+    spec = importlib.util.spec_from_file_location("mm1_model", REPO / "model" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "model")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mm1_model"] = module
+    spec.loader.exec_module(module)
+    return module, "model/ of this checkout"
+
+
+# Consistent mode on the device: bench/consistency.py's sizes, bf16, without its backward timing.
+CONSISTENCY_GPU = dict(backend="triton", prompts="5,17,33,70", new_tokens=16)
+CONSISTENCY_TINY = dict(backend="torch", prompts="3,70", new_tokens=3)
+
+
+def stage_consistency(w: Worker) -> None:
+    """Consistent mode's core claim on this device (docs/design.md §8): with consistent=True
+    the rollout's logprobs (``generate``: varlen prefill + decode steps, batch of prompts)
+    equal the training forward's (``model.logprobs``, one sequence per call) bitwise, for every
+    generated token. Both modes run bench/consistency.py's ``measure``; the consistent row is a
+    check (max |Δ| 0, every token bitwise equal), the default row is reported as measured."""
+    from bench import consistency
+    _, w.data["mm1_model_from"] = _import_mm1_model()
+    cfg = CONSISTENCY_TINY if w.tiny else CONSISTENCY_GPU
+    args = consistency.parse_args(["--dtype", "bf16", "--backend", cfg["backend"], "--prompts", cfg["prompts"],
+                                   "--new-tokens", str(cfg["new_tokens"])])
+    case = f"tiny model x{args.periods} bf16, prompts {cfg['prompts']}, {cfg['new_tokens']} new tokens"
+    w.data["consistency"] = rows = []
+
+    def row(consistent: bool) -> dict:
+        r = consistency.measure(consistency.DTYPES["bf16"], consistent, args, backward=False)
+        r["case"] = case
+        rows.append(r)
+        w.save()
+        print(json.dumps(r, default=str), flush=True)
+        return r
+
+    def consistent_mode():
+        r = row(True)
+        return [("max_abs_dlogprob", r["max_abs_dlogprob"], 0.0, "rollout vs training logprobs"),
+                ("frac_not_bitwise", 1.0 - r["frac_bitwise_equal"], 0.0, "tokens not bitwise equal")]
+
+    w.check("consistency", case, cfg["backend"], "consistent=True", consistent_mode)
+    try:
+        row(False)
+    except Exception as exc:  # default mode must run; its mismatch is allowed, an error is not
+        rows.append({"mode": "default", "case": case, "backend": cfg["backend"],
+                     "error": f"{type(exc).__name__}: {exc}"[:500]})
+        w.save()
+        raise
 
 
 def _policy(w: Worker):
@@ -1002,7 +1073,7 @@ def build_summary(p: Probe, env: dict, created: str) -> dict:
     cases = [row for name in ("timings_lightning", "timings_moe", "timings_head", "timings_fla", "timings_backward")
              for row in res.get(name, {}).get("cases", [])]
     checks = [c for name in ("correctness_lightning", "correctness_moe", "correctness_head",
-                             "correctness_backward", "correctness_lightning_cuda")
+                             "correctness_backward", "consistency", "correctness_lightning_cuda")
               for c in res.get(name, {}).get("checks", [])]
     if not env:
         env = {"device_name": "unknown (env stage failed)", "git_commit": _git("rev-parse", "HEAD")}
@@ -1022,6 +1093,7 @@ def build_summary(p: Probe, env: dict, created: str) -> dict:
         "stages": stages,
         "correctness": checks,
         "correctness_ok": bool(checks) and all(c.get("ok") is not False for c in checks),
+        "consistency": res.get("consistency", {}).get("data", {}).get("consistency", []),
         "graphs": res.get("graphs", {}).get("data", {}).get("graphs", []),
         "tests": res.get("tests", {}).get("data", {}),
         "build": {k: res.get("build", {}).get(k) for k in ("status", "seconds", "message", "reason",
@@ -1055,6 +1127,17 @@ def markdown(s: dict) -> str:
         extra = c.get("error") or c.get("skipped") or ""
         lines.append(f"| {c['op']} | {c['case']} | {c['backend']} | {c['what']} | {c.get('metric', '')} "
                      f"| {_f(c.get('value'), '.2e')} | {_f(c.get('tol'), '.0e')} | {ok} {extra[:100]} |")
+    if s["consistency"]:
+        lines += ["", "## Consistency: rollout vs training logprobs (bench/consistency.py)", "",
+                  "| case | backend | device | mode | tokens | max abs Δ | mean abs Δ | bitwise | Pearson(p) |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in s["consistency"]:  # (its times include compilation: in the stage's JSON only)
+            if r.get("error"):
+                lines.append(f"| {r['case']} | {r['backend']} | | {r['mode']} | | | | | error: {r['error'][:100]} |")
+                continue
+            lines.append(f"| {r['case']} | {r['backend']} | {r['device']} | {r['mode']} | {r['tokens']} "
+                         f"| {r['max_abs_dlogprob']:.2e} | {r['mean_abs_dlogprob']:.2e} "
+                         f"| {100 * r['frac_bitwise_equal']:.1f}% | {r['pearson_p']:.10f} |")
     c = s["ceilings"]
     if c:
         lines += ["", "## Ceilings (measured in this run)", "",
@@ -1096,6 +1179,10 @@ def short_table(s: dict) -> str:
     out.append(f"correctness: {len(s['correctness'])} checks, {len(bad)} failed"
                + "".join(f"\n  FAIL {c['op']} {c['case']} {c['backend']} {c['what']}: "
                          f"{c.get('value', c.get('error'))}" for c in bad[:8]))
+    for r in s["consistency"]:
+        if not r.get("error"):
+            out.append(f"  consistency {r['mode']:<10} {r['backend']:<7} max|Δlogprob| {r['max_abs_dlogprob']:.2e}, "
+                       f"{100 * r['frac_bitwise_equal']:.1f}% of {r['tokens']} tokens bitwise equal")
     for r in s["cases"]:
         if r["status"] == "ok":
             out.append(f"  {r['op']}.{r['kind']:<16} {r['impl']:<30} {r['median_ms']:9.3f} ms "

@@ -46,6 +46,17 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] | None = None,
     return t
 
 
+# The ``precision=`` options of the ops that trade tensor-core work for accuracy: "default" and
+# "high". Each op's docstring says what they mean there (lightning_attention: bf16 hi + lo
+# products in the Triton prefill; the FP32 head: the two-sum across K blocks).
+PRECISIONS = ("default", "high")
+
+
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     dtypes = {name: t.dtype for name, t in tensors.items()}
     if len(set(dtypes.values())) != 1:

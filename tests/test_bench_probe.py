@@ -40,7 +40,7 @@ def test_probe_tiny_end_to_end_on_cpu(tmp_path):
         assert rec["budget_s"] > 0
         if rec["status"] == "skipped":
             assert rec.get("reason"), name
-    for name in ("env", "correctness_lightning", "correctness_moe", "correctness_head", "ceilings",
+    for name in ("env", "correctness_lightning", "correctness_moe", "correctness_head", "consistency", "ceilings",
                  "timings_lightning", "timings_moe", "timings_head"):
         assert s["stages"][name]["status"] == "ok", (name, s["stages"][name])
     for name in ("build", "wheels", "correctness_lightning_cuda", "graphs", "tests"):
@@ -60,6 +60,16 @@ def test_probe_tiny_end_to_end_on_cpu(tmp_path):
     assert grads >= {("lightning_attention", w) for w in ("dq", "dk", "dv", "dinit")} | \
         {("fused_moe", w) for w in ("dx", "dw13", "dw2", "dtopk_weights")}, grads
     assert {r["kind"] for r in s["cases"] if r["op"] in ("lightning", "moe")} >= {"fwd_bwd"}
+    # consistent mode's claim (bench/consistency.py's measure, torch backend on the CPU): the
+    # rollout's logprobs are the training forward's, bitwise; default mode's row is reported
+    cons = [c for c in checks if c["op"] == "consistency"]
+    assert {c["metric"] for c in cons} == {"max_abs_dlogprob", "frac_not_bitwise"}
+    assert all(c["value"] == 0 for c in cons)
+    rows = {r["mode"]: r for r in s["consistency"]}
+    assert set(rows) == {"default", "consistent"} and all(r["backend"] == "torch" for r in rows.values())
+    assert rows["consistent"]["frac_bitwise_equal"] == 1.0 and rows["consistent"]["tokens"] > 0
+    assert rows["default"]["tokens"] == rows["consistent"]["tokens"]
+    assert s["stages"]["consistency"]["seconds"] < 30, s["stages"]["consistency"]
 
     # the environment and the timings, in python -m bench's results schema
     for key in ("device_name", "torch", "triton", "cuda", "git_commit"):
@@ -72,7 +82,7 @@ def test_probe_tiny_end_to_end_on_cpu(tmp_path):
         assert r["median_ms"] > 0 and r["flops"] > 0 and r["bytes"] > 0 and "fraction" in r
 
     md = (tmp_path / "probe_summary.md").read_text()
-    for heading in ("## Stages", "## Correctness vs fp64", "## Ceilings", "## Timings"):
+    for heading in ("## Stages", "## Correctness vs fp64", "## Consistency", "## Ceilings", "## Timings"):
         assert heading in md, heading
     with tarfile.open(tmp_path / "probe_logs.tar.gz") as tar:
         names = tar.getnames()

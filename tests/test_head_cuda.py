@@ -100,3 +100,20 @@ def test_compile_fullgraph():
     f = torch.compile(lambda h, w, t: mk.head_logprobs(h, w, t, backend="cuda"), fullgraph=True)
     assert all(torch.equal(a, b) for a, b in zip(f(h, w, t), mk.head_logprobs(h, w, t, backend="cuda")))
     torch.library.opcheck(torch.ops.mm1.head_forward_cuda.default, (h, w, t, 1.0, True))
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_precision_is_ignored():
+    """The CUDA kernels always add each K block with a two-sum, so precision="high" changes
+    nothing on this backend: bitwise the same statistics, logits, samples and gradients."""
+    h, w, t = _cuda(*make_inputs(33, 2100, 96, torch.bfloat16, 100.0, "spike", seed=7))
+    out = {}
+    for p in ("default", "high"):
+        hk = h.clone().requires_grad_()
+        o = mk.head_logprobs(hk, w, t, backend="cuda", precision=p)
+        (o.logprobs.sum() + o.entropy.sum()).backward()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        out[p] = (*o, hk.grad, mk.head_logits(h, w, 0.9, backend="cuda", precision=p),
+                  *mk.head_sample(h, w, 0.9, generator=g, backend="cuda", precision=p))
+    assert all(torch.equal(a, b) for a, b in zip(out["default"], out["high"]))

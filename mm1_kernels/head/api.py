@@ -9,7 +9,8 @@ tiles/blocks and keeps O(T + V) state.
 ``head_logprobs`` is ``torch.ops.mm1.head_logprobs`` with a fake implementation and a
 backward registered through ``torch.library.register_autograd`` (itself the custom op
 ``torch.ops.mm1.head_logprobs_backward``), so training code compiles with
-``torch.compile(fullgraph=True)``. The backend is a string argument resolved before the call.
+``torch.compile(fullgraph=True)``. The backend is a string argument resolved before the call;
+``precision`` (:func:`head_logprobs`) is a string argument of the op too.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .._checks import (
     INDEX_DTYPES,
     can_check_device_values,
     check_index_range,
+    check_precision,
     check_same_dtype,
     check_tensor,
 )
@@ -51,12 +53,14 @@ class HeadOutput(NamedTuple):
     entropy: torch.Tensor
 
 
-def _forward_impl(hidden, weight, targets, temperature, backend):
+def _forward_impl(hidden, weight, targets, temperature, backend, precision):
+    check_precision(precision)
     if hidden.shape[0] == 0:
         return tuple(hidden.new_empty(0, dtype=torch.float32) for _ in range(3))
     if backend == "triton":
         from .triton_head import head_forward_triton
-        return head_forward_triton(hidden, weight, targets, temperature)
+        return head_forward_triton(hidden, weight, targets, temperature, precision=precision)
+    # cuda (always the two-sum) and torch (fp64 rounded once): precision changes nothing.
     if backend == "cuda":
         return _cuda_ops.head_forward_cuda(hidden, weight, targets, temperature)
     return torch_head.head_forward_torch(hidden, weight, targets, temperature)
@@ -64,12 +68,14 @@ def _forward_impl(hidden, weight, targets, temperature, backend):
 
 @torch.library.custom_op("mm1::head_logprobs", mutates_args=())
 def _head_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      temperature: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(hidden, weight, targets, temperature, backend)
+                      temperature: float, backend: str, precision: str = "default"
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(hidden, weight, targets, temperature, backend, precision)
 
 
 @_head_logprobs_op.register_fake
-def _(hidden, weight, targets, temperature, backend):
+def _(hidden, weight, targets, temperature, backend, precision="default"):
+    check_precision(precision)
     T = hidden.shape[0]
     return tuple(hidden.new_empty(T, dtype=torch.float32) for _ in range(3))
 
@@ -78,8 +84,11 @@ def _(hidden, weight, targets, temperature, backend):
 def _head_logprobs_backward_op(g_lp: torch.Tensor, g_lse: torch.Tensor, g_ent: torch.Tensor,
                                hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
-                               backend: str, need_dweight: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dhidden, dweight); dweight is an empty [0] tensor when not needed (frozen head)."""
+                               backend: str, need_dweight: bool, precision: str = "default"
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight); dweight is an empty [0] tensor when not needed (frozen head).
+    ``precision``: the forward's (the logits are recomputed with it)."""
+    check_precision(precision)
     if hidden.shape[0] == 0:
         return torch.zeros_like(hidden), (torch.zeros_like(weight) if need_dweight
                                           else weight.new_empty(0))
@@ -91,22 +100,29 @@ def _head_logprobs_backward_op(g_lp: torch.Tensor, g_lse: torch.Tensor, g_ent: t
     if backend == "triton":
         from .triton_head import head_backward_triton
         return head_backward_triton(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
-                                    temperature, need_dweight=need_dweight)
+                                    temperature, need_dweight=need_dweight, precision=precision)
     return torch_head.head_backward_torch(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
                                           temperature, need_dweight=need_dweight)
 
 
 @_head_logprobs_backward_op.register_fake
-def _(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy, temperature, backend, need_dweight):
+def _(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy, temperature, backend, need_dweight,
+      precision="default"):
     return torch.empty_like(hidden), (torch.empty_like(weight) if need_dweight else weight.new_empty(0))
 
 
+# The forward's inputs, in schema order (inputs may stop before a defaulted trailing argument).
+_FWD_INPUTS = ("hidden", "weight", "targets", "temperature", "backend", "precision")
+
+
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, temperature, backend = inputs
+    args = dict(zip(_FWD_INPUTS, inputs))
     _, lse, entropy = output
-    ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-    ctx.temperature = temperature
-    ctx.backend = backend
+    ctx.save_for_backward(args["hidden"], args["weight"], args["targets"], lse, entropy)
+    ctx.temperature = args["temperature"]
+    ctx.backend = args["backend"]
+    ctx.precision = args.get("precision", "default")
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, g_lp, g_lse, g_ent):
@@ -114,9 +130,9 @@ def _backward(ctx, g_lp, g_lse, g_ent):
     zeros = lambda g: torch.zeros_like(lse) if g is None else g.float().contiguous()
     dh, dw = torch.ops.mm1.head_logprobs_backward(zeros(g_lp), zeros(g_lse), zeros(g_ent), hidden,
                                                   weight, targets, lse, entropy, ctx.temperature,
-                                                  ctx.backend, bool(ctx.needs_input_grad[1]))
-    return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
-            None, None, None)
+                                                  ctx.backend, bool(ctx.needs_input_grad[1]), ctx.precision)
+    return ((dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None)
+            + (None,) * (ctx.num_inputs - 2))
 
 
 torch.library.register_autograd("mm1::head_logprobs", _backward, setup_context=_setup_context)
@@ -182,7 +198,8 @@ def _nonfinite_logits(op: str, bad: torch.Tensor, h2: torch.Tensor, weight: torc
 
 @annotate("mm1.head_logprobs")
 def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  temperature: float = 1.0, backend: Optional[str] = None) -> HeadOutput:
+                  temperature: float = 1.0, backend: Optional[str] = None,
+                  precision: str = "default") -> HeadOutput:
     """FP32 LM head: per-token logprob of ``targets``, logsumexp and entropy, without ``[T, V]``.
 
     Args:
@@ -201,6 +218,9 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             NaN results, as at any temperature).
         backend: ``"torch"``, ``"triton"``, ``"cuda"`` (the compiled extension, only when named)
             or None (automatic; see ``mm1_kernels._dispatch``).
+        precision: ``"default"`` or ``"high"``: the Triton backend's accumulation over K
+            (``"high"``: a two-sum across K blocks, ~3× lower logit error at |logit| ~ 100 for
+            ~1.75× the tensor-core time); the torch and cuda backends ignore it. See below.
 
     Returns:
         :class:`HeadOutput` ``(logprobs, lse, entropy)``, fp32, shaped like ``targets``.
@@ -213,6 +233,17 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     bits, a ~5e-4 relative logit error, i.e. up to ~0.05 in a logprob at logits of ~100, which
     defeats the purpose; the price is that the Triton kernel runs on CUDA cores, not tensor
     cores, for fp32 inputs (bf16 weights are the production case).
+
+    ``precision`` sets how a logit is summed over K. ``triton``: ``"default"`` accumulates it
+    in one fp32 running sum, as any fp32-accumulating GEMM; ``"high"`` adds each K block's
+    product (64 wide for 16-bit inputs on a GPU) with a two-sum, leaving only the rounding
+    inside one block: max |Δlogprob| against fp64 at |logit| ~ 100 with a massive-activation
+    channel 7.6e-6 instead of 2.5e-5 (K = 1024, CPU interpreter), for ~1.75× the tensor-core
+    time in fp32 adds and half the bf16 tile (``triton_head``'s docstring). ``torch``:
+    ignored; its logits are the fp64 product rounded once to fp32 already (bitwise the same in
+    both precisions). ``cuda``: ignored; its kernels always add each 32-wide K block with a
+    two-sum (csrc/README.md), i.e. compute "high" in both. The backward recomputes the logits
+    with the forward's precision.
 
     Host synchronization: one, the check that targets are in range; a second when
     temperature < 1, the overflow check above. Both are skipped under CUDA graph capture and
@@ -232,12 +263,13 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     lead = hidden.shape[:-1]
     check_tensor("targets", targets, dtypes=INDEX_DTYPES, shape=tuple(lead), device=device)
     temperature = _check_temperature(temperature)
+    check_precision(precision)
     V, K = weight.shape
     h2 = hidden.reshape(-1, K)
     t1 = targets.reshape(-1).contiguous()
     check_index_range("targets", t1, V, "the vocabulary size", ignore_value=IGNORE_INDEX)
     chosen = resolve_backend("head_logprobs", backend, device)
-    lp, lse, ent = torch.ops.mm1.head_logprobs(h2, weight, t1, temperature, chosen)
+    lp, lse, ent = torch.ops.mm1.head_logprobs(h2, weight, t1, temperature, chosen, precision)
     if temperature < 1.0 and h2.shape[0] and can_check_device_values(lse):
         bad = ~(torch.isfinite(lp) & torch.isfinite(lse) & torch.isfinite(ent))
         if bool(bad.any()):
@@ -269,7 +301,7 @@ def sample_from_logits(z: torch.Tensor, top_p: float = 1.0, top_k: int = 0, gene
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0,
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, precision: str = "default") -> torch.Tensor:
     """The FP32 head for every row: fp32 ``(hidden @ weight.T) / temperature``, ``[..., V]``.
 
     For callers that need the logits themselves (a model's ``.logits``, an engine's logits
@@ -278,12 +310,19 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     head kernel's (bitwise what :func:`head_sample` samples from), or the torch backend's
     correctly rounded fp32 product, vocabulary chunk by chunk, so no fp32 copy of the weight
     is made. When ``hidden`` or ``weight`` requires grad under autograd they are a
-    differentiable ``linear`` on fp32 upcasts (a transient fp32 copy of the weight).
+    differentiable ``linear`` whatever the backend: on fp32 upcasts (a transient fp32 copy of
+    the weight) with ``precision="default"``; with ``"high"`` on fp64 upcasts rounded once to
+    fp32 (the torch backend's logits; a transient fp64 copy). ``precision``: as in
+    :func:`head_logprobs`.
     """
     _check_head_inputs(hidden, weight)
     t = _check_temperature(temperature)
+    check_precision(precision)
     lead, (V, K) = hidden.shape[:-1], weight.shape
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if precision == "high":
+            z = torch.nn.functional.linear(hidden.to(torch.float64), weight.to(torch.float64))
+            return (z if t == 1.0 else z / t).to(torch.float32)
         z = torch.nn.functional.linear(hidden.to(torch.float32), weight.to(torch.float32))
         return z if t == 1.0 else z / t
     h2 = hidden.reshape(-1, K)
@@ -292,7 +331,7 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     chosen = resolve_backend("head_logits", backend, hidden.device)
     if chosen == "triton":
         from .triton_head import head_logits_triton
-        z = head_logits_triton(h2.contiguous(), weight.contiguous(), t)
+        z = head_logits_triton(h2.contiguous(), weight.contiguous(), t, precision=precision)
     elif chosen == "cuda":
         z = _cuda_ops.head_logits_cuda(h2, weight, t)
     else:
@@ -304,7 +343,7 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
 @torch.no_grad()
 def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = 0, generator: Optional[torch.Generator] = None,
-                backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                backend: Optional[str] = None, precision: str = "default") -> Tuple[torch.Tensor, torch.Tensor]:
     """Sample next tokens from the fp32 head distribution (the rollout side).
 
     Args:
@@ -318,6 +357,8 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
         generator: a ``torch.Generator`` on hidden's device; same generator state, same inputs
             → same tokens.
         backend: as in :func:`head_logprobs`; it computes the returned logprobs.
+        precision: as in :func:`head_logprobs`; the sampled logits and the returned logprobs
+            both use it (so the training side must pass the same to stay bitwise equal).
 
     Returns:
         ``(tokens int64, logprobs fp32)`` shaped like ``hidden.shape[:-1]``. ``logprobs`` is
@@ -346,6 +387,7 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     """
     device = _check_head_inputs(hidden, weight)
     t = _check_temperature(temperature, allow_zero=True)
+    check_precision(precision)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
@@ -359,7 +401,10 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
     tokens = torch.empty(rows, dtype=torch.int64, device=device)
     chosen = resolve_backend("head_sample", backend, device)
     if chosen == "triton":
-        from .triton_head import head_logits_triton as logits_fn
+        from .triton_head import head_logits_triton
+
+        def logits_fn(h, w, temp):
+            return head_logits_triton(h, w, temp, precision=precision)
     elif chosen == "cuda":
         logits_fn = _cuda_ops.head_logits_cuda
     else:
@@ -379,7 +424,7 @@ def head_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: float =
         tokens[r0:r1] = z.argmax(-1) if t == 0 else sample_from_logits(z, float(top_p), top_k, generator)
     # The op itself, not head_logprobs: the inputs are validated and the tokens are in [0, V) by
     # construction, so its target range check would only cost a host sync per decode step.
-    lp = torch.ops.mm1.head_logprobs(h2, weight, tokens, logits_temperature, chosen)[0]
+    lp = torch.ops.mm1.head_logprobs(h2, weight, tokens, logits_temperature, chosen, precision)[0]
     return tokens.reshape(lead), lp.reshape(lead)
 
 
@@ -443,7 +488,8 @@ def head_cispo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: Optional[torch.Tensor] = None, eps_low: Optional[float] = None,
                     eps_high: Optional[float] = DEFAULT_EPS_HIGH, temperature: float = 1.0,
-                    backend: Optional[str] = None, return_head: bool = False):
+                    backend: Optional[str] = None, return_head: bool = False,
+                    precision: str = "default"):
     """From hidden states to the CISPO loss and its gradients, with no ``[T, V]`` tensor.
 
     ``loss = cispo_loss(head_logprobs(hidden, weight, targets, temperature).logprobs, ...)``:
@@ -454,10 +500,11 @@ def head_cispo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Args: hidden ``[T, K]``, weight ``[V, K]``, targets ``[T]`` (-100 = ignored; such rows are
     also excluded from the loss), old_logprobs ``[T]``, advantages ``[T]`` (or broadcastable),
     mask ``[T]`` bool or None (= all non-ignored tokens); the rest as in :func:`cispo_loss`
-    and :func:`head_logprobs`. ``return_head=True`` returns ``(loss, HeadOutput)`` so the
-    caller can log entropy and logprobs without a second pass.
+    and :func:`head_logprobs` (``precision`` too). ``return_head=True`` returns
+    ``(loss, HeadOutput)`` so the caller can log entropy and logprobs without a second pass.
     """
-    out = head_logprobs(hidden, weight, targets, temperature=temperature, backend=backend)
+    out = head_logprobs(hidden, weight, targets, temperature=temperature, backend=backend,
+                        precision=precision)
     valid = targets != IGNORE_INDEX
     if mask is not None:
         check_tensor("mask", mask, dtypes=(torch.bool,) + FLOAT_DTYPES + INDEX_DTYPES,

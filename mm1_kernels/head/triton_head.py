@@ -22,7 +22,7 @@ Entropy is never ``lse - Σ p z`` (two ~|z| numbers cancelling to a small one) a
 logprob subtracts M from the target logit first, so neither loses digits to logits of ~100.
 
 Why it is deterministic and batch invariant: no atomics and no lock; every tile shape is a
-constant (a function of the dtype, the COMPENSATE option and the layout, not of T), the
+constant (a function of the dtype, the precision and the layout, not of T), the
 number of splits depends only on V, and the merge order is fixed. A row of a ``tl.dot`` tile
 depends only on that row's operands, so a token's results are bitwise the same alone or
 inside any batch. SPLIT_V = 2048 gives 98 splits for M1's 200,064 vocabulary, so even a decode
@@ -47,7 +47,8 @@ ceilings; registers from Triton 3.6's ptxas, 3.9 in brackets):
   product alone, so every wgmma was waited for (TTGIR ``pendings = 0``) and followed by 7
   fp32 adds per logit: at 128 fp32 adds/clk/SM against 4,096 bf16 FLOP/clk/SM that is 1.75×
   the block's tensor-core time, on the critical path.
-  Expected from the change: (1) the two-sum off by default (below) → the MMAs chain into the
+  Expected from the change: (1) the two-sum off by default (``precision="default"``, below) →
+  the MMAs chain into the
   running logits with one wgmma in flight (``pendings = 1``) and no CUDA-core work in the K
   loop (FADD 332 → 140 per thread in SASS, including the epilogue); (2) 128 × 128 tiles →
   HGMMA 64x128x16 (43 FLOP per operand byte per warp group) and half the no-reuse traffic;
@@ -59,7 +60,7 @@ ceilings; registers from Triton 3.6's ptxas, 3.9 in brackets):
   hidden tiles in the 25 MiB the model credits (group_t + ⌈132/group_t⌉ ≥ 23 co-resident
   K-complete tiles of 1.5 MiB), so hidden is shared only among programs reading the same K
   slices at once; group_t = 16 balances that against the weight's re-reads (see group_t).
-  ``COMPENSATE = True`` keeps the old 128 × 64 build (235 regs, 7.74×).
+  ``precision="high"`` (the two-sum) keeps the old 128 × 64 build (235 regs, 7.74×).
   Not reachable here: ≤ 2× minimum bytes. That needs the weight read ≤ ~2×, i.e. groups of
   ≥ 4096 tokens whose hidden (≥ 50 MB) stays on chip while the weight streams past; the model
   credits 25 MiB of L2 (~2k tokens of hidden: weight read ≥ 4×, ≥ 3.9× min by any order of
@@ -91,16 +92,18 @@ deterministically, and the scratch is one block (≤ 256 MiB), independent of V 
 Precision: bf16/fp16 operands go to ``tl.dot`` as they are — products exact in fp32, fp32
 accumulation (tensor cores with fp32 accumulators on a GPU). fp32 operands use
 ``input_precision="ieee"`` (no TF32; see ``api.head_logprobs``). Logits never leave fp32.
-By default (``COMPENSATE = False``) the MMAs accumulate straight into the running logits, as
-any fp32-accumulating GEMM does: at |logit| ~ 100 (one fp32 ulp is 7.6e-6) the running sum
-drifts by several ulps over K. Through the interpreter at K = 1024 with a massive-activation
-channel: max |Δlogprob| 2.5e-5 plain, 7.6e-6 with the two-sum, 2.8e-5 for one fp32 GEMM; at
-|logit| ≤ 30, 4.6e-6 plain. ``COMPENSATE = True`` (or ``compensate=True``) adds each BK-wide
-block's product with a two-sum, which leaves only the rounding inside one block (the torch
-backend, fp64 GEMM rounded once, stays under 1e-5 everywhere); its cost is the 1.75×
-CUDA-core time and the serialised wgmmas above, and the second accumulator halves the bf16
-tile. The interpreter computes the block dots in fp64 rounded to fp32 (see
-``_triton_interpret``), so CPU runs do not reproduce a GPU's in-MMA accumulation order.
+The public ops' ``precision=`` picks the accumulation across K (every launch helper below
+takes it; :data:`TWO_SUM` maps it to the kernels' ``COMPENSATE`` flag):
+``"default"``: the MMAs accumulate straight into the running logits, as any fp32-accumulating
+GEMM does: at |logit| ~ 100 (one fp32 ulp is 7.6e-6) the running sum drifts by several ulps
+over K. Through the interpreter at K = 1024 with a massive-activation channel: max
+|Δlogprob| 2.5e-5, against 7.6e-6 with the two-sum and 2.8e-5 for one fp32 GEMM; at
+|logit| ≤ 30, 4.6e-6. ``"high"``: each BK-wide block's product is added with a two-sum,
+which leaves only the rounding inside one block (the torch backend, fp64 GEMM rounded once,
+stays under 1e-5 everywhere); its cost is the 1.75× CUDA-core time and the serialised
+wgmmas above, and the second accumulator halves the bf16 tile. The interpreter computes the
+block dots in fp64 rounded to fp32 (see ``_triton_interpret``), so CPU runs do not reproduce
+a GPU's in-MMA accumulation order.
 """
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_precision
 from .._dispatch import triton_interpret_enabled
 from .._triton_interpret import interpreted_with_fixes
 from .backward import BACKWARD_VOCAB_CHUNK, TORCH_BLOCK_ELEMENTS, gemm_operand_dtype, head_backward_blocks
@@ -127,7 +131,7 @@ from .reference import IGNORE_INDEX
 # GPU configuration is compiled and checked by tests/test_head_aot.py, and the interpreter
 # tests also run the GPU tile shapes once on a small problem (``tile_shape=``).
 #
-# GPU tiles (BT, BV, BK), keyed by (fp32 inputs, COMPENSATE, fallback): the largest tiles
+# GPU tiles (BT, BV, BK), keyed by (fp32 inputs, compensate, fallback): the largest tiles
 # whose sm_90a builds have no register spills on Triton 3.6 and 3.9 (ptxas; tests/
 # test_head_aot.py holds every entry to that). bf16/fp16 plain: 128 × 128 (two warp groups,
 # HGMMA 64x128x16). The compensated build keeps the running logits, the compensation and the
@@ -169,10 +173,16 @@ GPU_DLOGITS_TILES = {
     (True, True, False): (32, 64, 32), (True, True, True): (32, 64, 32),
 }
 _INTERPRETER_TILES = (16, 128, 32)
-# The two-sum across K blocks (see "Precision" in the module docstring): an option, off by
-# default, since its cost on a GPU is not small (7 fp32 adds per logit per 64-wide K block,
-# ~1.75x the block's tensor-core time, and the bf16 tile halves to stay spill-free).
-COMPENSATE = False
+# precision= → the two-sum across K blocks (the kernels' COMPENSATE flag; "Precision" in the
+# module docstring). Off in "default", since its cost on a GPU is not small (7 fp32 adds per
+# logit per 64-wide K block, ~1.75x the block's tensor-core time, and the bf16 tile halves to
+# stay spill-free); "high" turns it on.
+TWO_SUM = {"default": False, "high": True}
+
+
+def _two_sum(precision: str) -> bool:
+    check_precision(precision)
+    return TWO_SUM[precision]
 
 
 def tiles(fp32: bool, compensate: bool, fallback: bool = False) -> tuple[int, int, int]:
@@ -396,18 +406,18 @@ def _aligned(*tensors) -> bool:
 
 
 def head_forward_triton(hidden, weight, targets, temperature: float, split_v: int = SPLIT_V,
-                        logits_out=None, compensate: bool | None = None, tile_shape=None):
+                        logits_out=None, precision: str = "default", tile_shape=None):
     """fp32 (logprobs, lse, entropy) ``[T]``; hidden ``[T, K]``, weight ``[V, K]`` contiguous.
 
     ``logits_out``: optional fp32 ``[T, V]`` (unit last stride) that receives the tempered
     logits the statistics were computed from (for sampling; never used by the training path).
-    ``compensate``: the two-sum across K blocks (default :data:`COMPENSATE`). ``tile_shape``:
+    ``precision``: ``"high"`` adds the two-sum across K blocks (:data:`TWO_SUM`). ``tile_shape``:
     (BT, BV, BK) instead of :func:`tiles` (tests run the GPU shapes through the interpreter).
     """
     T, K = hidden.shape
     V = weight.shape[0]
     fp32 = hidden.dtype == torch.float32
-    compensate = COMPENSATE if compensate is None else compensate
+    compensate = _two_sum(precision)
     fallback = logits_out is not None or not _aligned(hidden, weight)
     bt, bv, bk = tile_shape or tiles(fp32, compensate, fallback)
     if split_v % bv:
@@ -426,7 +436,7 @@ def head_forward_triton(hidden, weight, targets, temperature: float, split_v: in
     return lp, lse, ent
 
 
-def head_logits_triton(hidden, weight, temperature: float, compensate: bool | None = None,
+def head_logits_triton(hidden, weight, temperature: float, precision: str = "default",
                        tile_shape=None):
     """fp32 ``[T, V]`` tempered logits, bitwise those this call's statistics use.
 
@@ -438,12 +448,12 @@ def head_logits_triton(hidden, weight, temperature: float, compensate: bool | No
     logits = torch.empty(T, V, dtype=torch.float32, device=hidden.device)
     no_targets = torch.full((T,), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
     head_forward_triton(hidden, weight, no_targets, temperature, logits_out=logits,
-                        compensate=compensate, tile_shape=tile_shape)
+                        precision=precision, tile_shape=tile_shape)
     return logits
 
 
 def head_dlogits_triton(hidden, weight, targets, g_lp, g_lse, g_ent, lse, entropy,
-                        temperature: float, v0: int = 0, out=None, compensate: bool | None = None,
+                        temperature: float, v0: int = 0, out=None, precision: str = "default",
                         tile_shape=None):
     """Gradient w.r.t. the tempered logits of rows ``hidden`` × vocabulary ids ``v0 + [0, V)``
     (``weight`` is those V rows), written to ``out`` (``[T, V]``, fp32 or the input dtype;
@@ -451,7 +461,7 @@ def head_dlogits_triton(hidden, weight, targets, g_lp, g_lse, g_ent, lse, entrop
     rows, K = hidden.shape
     cols = weight.shape[0]
     fp32 = hidden.dtype == torch.float32
-    compensate = COMPENSATE if compensate is None else compensate
+    compensate = _two_sum(precision)
     if out is None:
         out = torch.empty(rows, cols, dtype=torch.float32, device=hidden.device)
     bt, bv, bk = tile_shape or dlogits_tiles(fp32, compensate, not _aligned(hidden, weight, out))
@@ -465,9 +475,10 @@ def head_dlogits_triton(hidden, weight, targets, g_lp, g_lse, g_ent, lse, entrop
 
 def head_backward_triton(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy,
                          temperature: float, vocab_chunk: int = BACKWARD_VOCAB_CHUNK,
-                         need_dweight: bool = True, compensate: bool | None = None):
-    """(dhidden, dweight) in the inputs' dtypes; see the module docstring."""
-    bt = dlogits_tiles(hidden.dtype == torch.float32, COMPENSATE if compensate is None else compensate)[0]
+                         need_dweight: bool = True, precision: str = "default"):
+    """(dhidden, dweight) in the inputs' dtypes; see the module docstring. ``precision``: the
+    forward's (the logits are recomputed with the same accumulation)."""
+    bt = dlogits_tiles(hidden.dtype == torch.float32, _two_sum(precision))[0]
     rows_per_block = max(bt, TORCH_BLOCK_ELEMENTS // vocab_chunk)
     # The driver's gradient GEMMs take dz in gemm_operand_dtype: store it in that dtype here
     # (one rounding, the one the driver would do) instead of fp32 + a conversion pass.
@@ -477,6 +488,6 @@ def head_backward_triton(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entro
         dz = torch.empty(t1 - t0, v1 - v0, dtype=dz_dtype, device=hidden.device)
         return head_dlogits_triton(hidden[t0:t1], weight[v0:v1], targets[t0:t1], g_lp[t0:t1],
                                    g_lse[t0:t1], g_ent[t0:t1], lse[t0:t1], entropy[t0:t1],
-                                   temperature, v0=v0, out=dz, compensate=compensate)
+                                   temperature, v0=v0, out=dz, precision=precision)
 
     return head_backward_blocks(hidden, weight, dz_block, rows_per_block, vocab_chunk, need_dweight)

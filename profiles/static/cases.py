@@ -414,7 +414,7 @@ def _head_config(compensate: bool | None = None):
     SPLIT_V, MERGE_BT, warps, GROUP_T and the two-sum option (default: the module's)."""
     from mm1_kernels.head import triton_head as TH
 
-    comp = bool(TH.COMPENSATE) if compensate is None else compensate
+    comp = TH.TWO_SUM["default"] if compensate is None else compensate
     fwd, dlogits = TH.tiles(False, comp), TH.dlogits_tiles(False, comp)
     return dict(fwd=fwd, dlogits=dlogits, split_v=TH.SPLIT_V, merge_bt=TH.MERGE_BT, warps=TH.NUM_WARPS,
                 group_t=TH.group_t(fwd), group_t_dlogits=TH.group_t(dlogits), compensate=comp)
@@ -508,7 +508,8 @@ def head_forward(T: int, compensate: bool | None = None) -> OpCase:
     ]
     case.notes = ("compiled with the divisibility hints the JIT attaches at M1's sizes (T, V = 200,064, "
                   "hidden = 6144 and the pointers; tests/test_head_aot.py compiles without them too); "
-                  f"two-sum across K blocks {'on' if cfg['compensate'] else 'off (triton_head.COMPENSATE)'}")
+                  "two-sum across K blocks "
+                  + ('on (precision="high")' if cfg["compensate"] else 'off (precision="default")'))
     return case
 
 
