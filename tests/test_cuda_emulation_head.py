@@ -103,6 +103,7 @@ CASES = {
     "f16_t20_v513_k40_misaligned": dict(dtype="float16", vec=0, nsplit=3, store_logits=1, temperature=1.3),
     "f32_t66_v260_k40_split3": dict(dtype="float32", vec=1, nsplit=3, token_tiles=2, store_logits=1),
     "f32_t5_v200_k37_scalar": dict(dtype="float32", vec=0, nsplit=2, index_bytes=4, temperature=2.5),
+    "bf16_t2_v2049_k8_split2048": dict(dtype="bfloat16", vec=1, nsplit=2, T=2, V=2049, index_bytes=4),
 }
 STATS_TOL = 1e-5   # logprob, lse, entropy: |err| / max(1, |ref|)
 LOGITS_TOL = 1e-6  # stored logits: max |err| / max(1, max |z|)
@@ -241,17 +242,26 @@ int main(void) {
                                      1, 10, 16, 16, 16, 0, 1.0, 0);  /* index bytes 2 */
     cudaError_t d = mm1_head_forward(MM1_DTYPE_FLOAT16, 0, 0, 0, 4, 0, 0, 0, 0, 0,
                                      1, 10, 16, 16, 16, 0, 0.0, 0);  /* temperature 0 */
+    /* misaligned element pointers (fp32 hidden at +2 bytes; int64 targets at +4): refused */
+    float* f = (float*)(size_t)0x20000;
+    cudaError_t e = mm1_head_forward(MM1_DTYPE_FLOAT32, (void*)(size_t)0x10002, (void*)(size_t)0x10000,
+                                     (void*)(size_t)0x30000, 8, f, f, f, f, 0, 1, 10, 16, 16, 16, 0, 1.0, 0);
+    cudaError_t g = mm1_head_dlogits(MM1_DTYPE_BFLOAT16, (void*)(size_t)0x10000, (void*)(size_t)0x10000,
+                                     (void*)(size_t)0x30004, 8, f, f, f, f, f, f, 1, 10, 0, 16, 16, 16, 10,
+                                     1.0, 0);
     long long n = (long long)mm1_head_num_splits(200064);
     unsigned long long ws = (unsigned long long)mm1_head_workspace_bytes(8192, 200064);
-    printf("%d %d %d %d %lld %llu\n", (int)a, (int)b, (int)c, (int)d, n, ws);
+    printf("%d %d %d %d %d %d %lld %llu\n", (int)a, (int)b, (int)c, (int)d, (int)e, (int)g, n, ws);
     return (a == cudaSuccess && b == cudaSuccess && c == cudaErrorInvalidValue && d == cudaErrorInvalidValue &&
-            n == 98 && ws == 98ull * 4 * 8192 * 4) ? 0 : 1;
+            e == cudaErrorInvalidValue && g == cudaErrorInvalidValue && n == 98 && ws == 98ull * 4 * 8192 * 4)
+               ? 0 : 1;
 }
 """
 
 
 def test_c_api_header_is_torch_free_c(tmp_path):
-    """head.h is plain C; the C API links against the head objects and the CUDA runtime alone."""
+    """head.h is plain C; the C API links against the head objects and the CUDA runtime alone;
+    bad arguments (including misaligned element pointers) are refused before any launch."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")

@@ -31,9 +31,16 @@ Self-tests: two builds with a deliberate bug (``gen_moe.MUTATIONS``: a wrong ldm
 the GEMM's B operand, and a wrong rank in the alignment) must fail the checks;
 ``MM1_EMU_MOE_MUTATION=<name>`` runs the whole module on mutated kernels.
 
+Also: a ThreadSanitizer build on two cases (slow; ``MM1_EMU_TSAN=0`` skips it) that must report
+the GEMM without its main-loop barrier, and a plain-C caller of ``moe.h`` whose bad arguments
+(overlapping output rows, misaligned pointers, short workspace, > 1024 experts, T·k overflow)
+must be refused with ``cudaErrorInvalidValue`` before any launch.
+
 Cannot catch: real tensor-core rounding and accumulation order, timing, the GPU memory model
 beyond the modelled collectives, bank conflicts, register or shared-memory limits (see
-``test_cuda_compile.py``), the host launchers and the C API (not emulated).
+``test_cuda_compile.py``), the host launchers (not emulated; the C API's argument checks are
+tested without a launch), a copy issued into a stage other warps still read while a barrier
+still precedes its wait (copies land at the wait here, the latest a GPU may land them).
 
 Skipped (with the reason) when g++ or the CUDA headers are missing.
 """
@@ -57,6 +64,16 @@ GXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 _spec = importlib.util.spec_from_file_location("mm1_cuda_emulation_gen_moe", EMU / "gen_moe.py")
 gen_moe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen_moe)
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
 
 
 def _cuda_include() -> Path | None:
@@ -84,6 +101,12 @@ SAN_FLAGS = ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefi
 SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
 MUTATION = os.environ.get("MM1_EMU_MOE_MUTATION") or None
 TIMEOUT = 900
+TSAN_FLAGS = ["-O1", "-g", "-fsanitize=thread"]
+TSAN_ENV = {"TSAN_OPTIONS": "halt_on_error=1:report_signal_unsafe=0"}
+# ThreadSanitizer runs these cases: the GEMM pipeline (3 K blocks, int8 and 16-bit weights) and
+# the alignment's shared-memory counts and scan.
+TSAN_CASES = ["fused_bf16_int8", "align_i32_skew_3chunks"]
+RUN_TSAN = os.environ.get("MM1_EMU_TSAN", "1") != "0"
 
 # Expected cases and the coverage each must report (guards against a case silently changing).
 ROUTE_CASES = {
@@ -110,6 +133,8 @@ FUSED_CASES = {
     "fused_f16_int8_map": dict(dtype="float16", wdtype="int8", has_map=1, ids_bytes=8),
     "fused_bf16_int8": dict(dtype="bfloat16", wdtype="int8"),
     "fused_bf16_many_tiles": dict(dtype="bfloat16", row_tiles=48),
+    "fused_t1_e1_h1_i1": dict(dtype="bfloat16", row_tiles=1, tiles_used=1),
+    "fused_one_expert_t67": dict(dtype="bfloat16", row_tiles=6, tiles_used=3),
 }
 ROUTE_W_TOL = 1e-5
 H_TOL = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -10}  # the rounding of h to the 16-bit dtype
@@ -257,3 +282,113 @@ def test_generator_fails_loudly_when_kernels_change(tmp_path):
     gemm.write_text(gemm.read_text().replace(gen_moe.HOST_MARKER, "// host code"))
     with pytest.raises(gen_moe.GeneratorError, match="host code"):
         gen_moe.generate(tmp_path / "out", src)
+
+
+HOST_C = r"""
+/* Plain C (no C++, no torch): moe.h must be usable from any engine. Every call below has an
+ * argument the kernels cannot handle and must be refused with cudaErrorInvalidValue before any
+ * launch (the pointers are never dereferenced: no GPU is needed). */
+#include <stdio.h>
+#include "moe/moe.h"
+
+#define P(a) ((void*)(uintptr_t)(a))
+static int fails = 0;
+static void expect_invalid(const char* what, cudaError_t e) {
+    if (e != cudaErrorInvalidValue) { printf("not refused: %s (got %d)\n", what, (int)e); ++fails; }
+}
+/* T tokens, k = 2, E = 4, hidden = 64, I = 32, bf16 weights; the arguments a caller can get right. */
+static cudaError_t moe(int64_t T, int64_t stride_xt, int64_t stride_ot, uintptr_t topk_w, uintptr_t ids,
+                       uintptr_t out, int64_t E, size_t ws_bytes) {
+    return mm1_fused_moe(MM1_DTYPE_BFLOAT16, 0, P(0x10000), stride_xt, P(0x20000), 64 * 64, 64, P(0x30000),
+                         64 * 32, 32, NULL, 0, 0, NULL, 0, 0, (const float*)P(topk_w), P(ids), 8, NULL, 4, 0,
+                         P(out), stride_ot, T, 2, E, 64, 32, P(0x40000), ws_bytes, 0);
+}
+
+int main(void) {
+    const size_t ws = mm1_fused_moe_workspace_size(MM1_DTYPE_BFLOAT16, 3, 2, 4, 64, 32);
+    if (ws == 0 || mm1_fused_moe_workspace_size(MM1_DTYPE_BFLOAT16, 0, 2, 4, 64, 32) != 0) {
+        printf("workspace size\n");
+        return 1;
+    }
+    if (moe(0, 64, 64, 0x50000, 0x60000, 0x70000, 4, 0) != cudaSuccess) { printf("T = 0\n"); return 1; }
+    expect_invalid("out rows overlap (stride_ot < hidden)", moe(3, 64, 32, 0x50000, 0x60000, 0x70000, 4, ws));
+    expect_invalid("x rows not 16-byte apart", moe(3, 68, 64, 0x50000, 0x60000, 0x70000, 4, ws));
+    expect_invalid("topk_weights not 4-byte aligned", moe(3, 64, 64, 0x50002, 0x60000, 0x70000, 4, ws));
+    expect_invalid("int64 topk_ids not 8-byte aligned", moe(3, 64, 64, 0x50000, 0x60004, 0x70000, 4, ws));
+    expect_invalid("out not 2-byte aligned", moe(3, 64, 64, 0x50000, 0x60000, 0x70001, 4, ws));
+    expect_invalid("workspace too small", moe(3, 64, 64, 0x50000, 0x60000, 0x70000, 4, ws - 1));
+    expect_invalid("more than MM1_MOE_MAX_EXPERTS experts", moe(3, 64, 64, 0x50000, 0x60000, 0x70000,
+                                                               MM1_MOE_MAX_EXPERTS + 1, ws));
+    /* top_k * T overflows int64: refused before the product is formed. */
+    expect_invalid("top_k * T overflow",
+                   mm1_fused_moe(MM1_DTYPE_BFLOAT16, 0, P(0x10000), 64, P(0x20000), 64 * 64, 64, P(0x30000),
+                                 64 * 32, 32, NULL, 0, 0, NULL, 0, 0, (const float*)P(0x50000), P(0x60000), 8,
+                                 NULL, 4, 0, P(0x70000), 64, (int64_t)1 << 30, (int64_t)1 << 40, 4, 64, 32,
+                                 P(0x40000), ws, 0));
+    expect_invalid("fp32 logits not 4-byte aligned",
+                   mm1_moe_route(MM1_DTYPE_FLOAT32, P(0x10002), 3, 8, 8, 2, 1, (float*)P(0x20000),
+                                 (int32_t*)P(0x30000), 0));
+    expect_invalid("top_k > E", mm1_moe_route(MM1_DTYPE_FLOAT32, P(0x10000), 3, 8, 8, 9, 1, (float*)P(0x20000),
+                                              (int32_t*)P(0x30000), 0));
+    return fails ? 1 : 0;
+}
+"""
+
+
+def test_c_api_refuses_what_the_kernels_cannot_handle(tmp_path):
+    """moe.h is plain C, links against the MoE objects and the CUDA runtime alone, and refuses
+    bad arguments (overlapping output rows, misaligned pointers, a short workspace, too many
+    experts, an overflowing T·k) with cudaErrorInvalidValue before launching anything."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    # PTX only (no ptxas): nothing is launched, and test_cuda_compile builds the SASS.
+    flags = ["-std=c++20", "-O1", "-gencode=arch=compute_90a,code=compute_90a", f"-I{CSRC}"]
+
+    def build(src: Path) -> Path:
+        obj = tmp_path / (src.stem + ".o")
+        p = subprocess.run([nvcc, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True,
+                           timeout=TIMEOUT)
+        assert p.returncode == 0, p.stderr[-4000:]
+        return obj
+
+    host = tmp_path / "host.c"
+    host.write_text(HOST_C)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
+        objs = list(ex.map(build, sorted((CSRC / "moe").glob("*.cu"))))
+    p = subprocess.run([nvcc, f"-I{CSRC}", "-x", "c", "-c", str(host), "-o", str(tmp_path / "host.o")],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, f"C host program did not compile:\n{p.stdout}{p.stderr}"
+    exe = tmp_path / "host"
+    p = subprocess.run([nvcc, "-gencode=arch=compute_90a,code=compute_90a", str(tmp_path / "host.o"),
+                        *map(str, objs), "-o", str(exe)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, f"C host program did not link:\n{p.stdout}{p.stderr}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"C API calls gave unexpected results:\n{run.stdout}{run.stderr}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN_TSAN, reason="ThreadSanitizer run disabled by MM1_EMU_TSAN=0")
+def test_tsan_no_shared_memory_races(tmp_path):
+    """TSAN_CASES under ThreadSanitizer (the ASan build cannot see a missing barrier whose
+    victims happen to be scheduled late); the GEMM without its main-loop barrier must be
+    reported as a race. What it cannot see: a copy issued into a stage other warps may still be
+    reading, when a barrier still separates it from the wait (cp.async lands at the wait here:
+    the latest a GPU may land it), e.g. the next stage's copies issued before the barrier."""
+    for name, mutation in (("tsan", None), ("tsan_race", "gemm_drop_barrier")):
+        gen_moe.generate(tmp_path / f"gen_{name}", CSRC, mutation)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
+        for f in [ex.submit(_compile, tmp_path / name, tmp_path / f"gen_{name}", TSAN_FLAGS)
+                  for name in ("tsan", "tsan_race")]:
+            f.result()
+    for case in TSAN_CASES:
+        try:
+            results, stderr = _run(tmp_path / "tsan", case, env_extra=TSAN_ENV)
+        except AssertionError as e:  # an environment TSan cannot run in is not a kernel bug
+            if "FATAL: ThreadSanitizer" in str(e) and "data race" not in str(e):
+                pytest.skip(f"ThreadSanitizer cannot run here: {str(e)[-500:]}")
+            raise
+        assert "ThreadSanitizer" not in stderr, stderr[-6000:]
+        CHECKS[results[case]["kernel"]](results[case])
+    with pytest.raises(AssertionError, match="ThreadSanitizer: data race"):
+        _run(tmp_path / "tsan_race", "fused_bf16_int8", env_extra=TSAN_ENV)

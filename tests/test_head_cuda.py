@@ -23,6 +23,19 @@ needs_ext = pytest.mark.skipif(not BUILT, reason=f"CUDA extension without the he
 HEAD_OPS = ("head_logprobs", "head_sample", "head_logits", "head_cispo_loss")
 
 
+def test_overlapping_hidden_rows_are_copied():
+    """The C API refuses rows closer than the width (an expanded [T, K] view has row stride 0):
+    the Python glue copies exactly those, and passes every other layout through untouched."""
+    from mm1_kernels.head.cuda_ops import _rows
+    expanded = torch.randn(1, 8).expand(5, 8)
+    fixed = _rows(expanded)
+    assert fixed.stride(0) == 8 and torch.equal(fixed, expanded)
+    strided = torch.randn(5, 12)[:, :8]
+    assert _rows(strided) is strided
+    one = torch.randn(1, 8).expand(1, 8)
+    assert _rows(one) is one
+
+
 def test_cuda_backend_refused_with_a_reason():
     h, w, t = make_inputs(3, 50, 16, torch.float32, 5.0)
     with pytest.raises(mk.BackendUnavailableError, match="head_logprobs.*needs CUDA tensors"):

@@ -40,6 +40,23 @@ def test_explicit_cuda_on_cpu_is_a_clear_error(monkeypatch):
         mk.fused_moe(x, w13, w2, torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), backend="cuda")
 
 
+def test_cuda_argument_checks_name_the_argument():
+    """check_fused_moe_cuda_args (pure Python, runs on the CPU): more local experts than the C
+    API's MM1_MOE_MAX_EXPERTS is a ValueError naming w13, not the launcher's unnamed error; a
+    one-token x may have any row stride (the C API ignores it)."""
+    from mm1_kernels.moe.api import MAX_EXPERTS
+    from mm1_kernels.moe.cuda_ops import check_fused_moe_cuda_args
+    x = torch.zeros(2, 16, dtype=torch.bfloat16)
+    w13, w2 = torch.zeros(MAX_EXPERTS + 1, 16, 16, dtype=torch.bfloat16), torch.zeros(4, 16, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"at most 1024 local experts \(w13.shape\[0\]\)"):
+        check_fused_moe_cuda_args(x, w13, w2)
+    check_fused_moe_cuda_args(x, w13[:MAX_EXPERTS], w2)
+    one = torch.zeros(1, 16 + 3, dtype=torch.bfloat16)[:, :16]  # row stride 19, one row
+    check_fused_moe_cuda_args(one, w13[:4], w2)
+    with pytest.raises(ValueError, match="x.stride"):
+        check_fused_moe_cuda_args(torch.zeros(2, 19, dtype=torch.bfloat16)[:, :16], w13[:4], w2)
+
+
 # ------------------------------------------------------------------------------------ on a GPU
 
 def _experts(E, hidden, inter, dtype, seed=0, pad=0):

@@ -21,6 +21,7 @@
  *    never an out-of-bounds read: the caller range-checks).
  *  - per-token arrays (logprobs, lse, entropy, upstream gradients) are contiguous fp32 [T].
  *  - temperature must be finite and > 0; the kernels multiply by (float)(1 / temperature).
+ *  - every pointer is aligned to its element size (else cudaErrorInvalidValue).
  *  - nothing synchronizes the host and nothing is allocated (the forward's workspace is the
  *    caller's), so calls can be captured in a CUDA graph. Errors are the cudaError_t of the
  *    launch (cudaErrorInvalidValue for arguments the kernels do not support).

@@ -107,6 +107,10 @@ extern "C" MM1_API cudaError_t mm1_head_dlogits(
       stride_h < hidden_dim || stride_w < hidden_dim || stride_dz < cols)
     return cudaErrorInvalidValue;
   const size_t elem = dtype == MM1_DTYPE_FLOAT32 ? 4 : 2;
+  if (!elem_aligned(hidden, elem) || !elem_aligned(weight, elem) || !elem_aligned(targets, target_index_bytes) ||
+      !elem_aligned(g_lp, 4) || !elem_aligned(g_lse, 4) || !elem_aligned(g_ent, 4) || !elem_aligned(lse, 4) ||
+      !elem_aligned(entropy, 4) || !elem_aligned(dz, 4))
+    return cudaErrorInvalidValue;
   DlogitsArgs a{hidden, weight, targets, target_index_bytes, g_lp, g_lse, g_ent, lse, entropy, dz, rows,
                 static_cast<int>(cols), static_cast<int>(hidden_dim), vocab_offset, stride_h, stride_w,
                 stride_dz, static_cast<float>(1.0 / temperature),

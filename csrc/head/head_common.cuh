@@ -223,6 +223,11 @@ __device__ __forceinline__ void logit_tile(float (&z)[kNT][4], const T* h, int64
     for (int r = 0; r < 4; ++r) z[ni][r] = (acc[ni][r] + comp[ni][r]) * inv_temp;
 }
 
+// Shared by the launchers: scalar loads and stores need element-aligned pointers (nullptr passes).
+__host__ __forceinline__ bool elem_aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 // Shared by the launchers: 16-byte staging is legal when every row starts 16-byte aligned.
 __host__ __forceinline__ bool vec_ok(const void* h, const void* w, int64_t K, int64_t stride_h,
                                      int64_t stride_w, size_t elem) {

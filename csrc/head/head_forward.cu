@@ -238,6 +238,10 @@ extern "C" MM1_API cudaError_t mm1_head_forward(
       stride_h < hidden_dim || stride_w < hidden_dim || (logits && stride_logits < vocab))
     return cudaErrorInvalidValue;
   const size_t elem = dtype == MM1_DTYPE_FLOAT32 ? 4 : 2;
+  if (!elem_aligned(hidden, elem) || !elem_aligned(weight, elem) || !elem_aligned(targets, target_index_bytes) ||
+      !elem_aligned(workspace, 4) || !elem_aligned(logprobs, 4) || !elem_aligned(lse, 4) ||
+      !elem_aligned(entropy, 4) || !elem_aligned(logits, 4))
+    return cudaErrorInvalidValue;
   StatsArgs a{hidden, weight, targets, target_index_bytes, workspace, logits, tokens,
               static_cast<int>(vocab), static_cast<int>(hidden_dim), stride_h, stride_w, stride_logits,
               static_cast<float>(1.0 / temperature), MM1_HEAD_SPLIT_V,

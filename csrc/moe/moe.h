@@ -15,8 +15,9 @@
  *    weight-only with fp32 per-output-channel scales (w ~= w_q * scale[..., None]).
  *  - the last dimension of every matrix has unit stride; other strides are in ELEMENTS. The
  *    kernels copy 16-byte vectors with cp.async, so x, w13, w2 need 16-byte aligned base
- *    pointers and rows (strides that are multiples of 16 bytes); anything else is
- *    cudaErrorInvalidValue.
+ *    pointers and rows (strides that are multiples of 16 bytes); every other pointer must be
+ *    aligned to its element size; anything else is cudaErrorInvalidValue. With one token, the
+ *    row strides of x and out are ignored.
  *  - ids are int32 or int64 (ids_bytes 4 or 8), contiguous [T, k]; expert_map (optional) is
  *    int32/int64 [G]: global id -> local expert, -1 = on another rank (vLLM's convention);
  *    such a slot adds exactly zero. An id or map value out of range gives that token a NaN
@@ -61,7 +62,7 @@ MM1_API size_t mm1_fused_moe_workspace_size(mm1_dtype_t dtype, int64_t num_token
  * (any strides) are required; else they are ignored and the weights have x's dtype.
  * topk_weights: fp32 [T, k] contiguous. topk_ids: [T, k] contiguous (ids_bytes 4 or 8).
  * expert_map: NULL or [map_len] (map_bytes 4 or 8). out: [T, hidden] in x's dtype (row stride
- * stride_ot), written. */
+ * stride_ot >= hidden: rows must not overlap), written. */
 MM1_API cudaError_t mm1_fused_moe(
     mm1_dtype_t dtype, int weights_int8,
     const void* x, int64_t stride_xt,

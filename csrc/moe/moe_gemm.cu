@@ -283,6 +283,7 @@ Workspace workspace_layout(int64_t tokens, int64_t top_k, int64_t experts, int64
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 }  // namespace moe
@@ -309,20 +310,32 @@ extern "C" MM1_API cudaError_t mm1_fused_moe(
     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   using namespace mm1::moe;
   if (dtype != MM1_DTYPE_BFLOAT16 && dtype != MM1_DTYPE_FLOAT16) return cudaErrorInvalidValue;
-  if (num_tokens < 0 || top_k < 1 || num_experts < 1 || num_experts > MM1_MOE_MAX_EXPERTS || hidden < 1 ||
-      inter < 1 || hidden > 0x7fffffff || inter > 0x3fffffff || (ids_bytes != 4 && ids_bytes != 8) ||
+  // Sizes are int inside the kernels, with a tile of headroom (k0 + kBK, n0 + kBN stay in range);
+  // T and k are bounded before their product is formed.
+  if (num_tokens < 0 || num_tokens > 0x7fffffff || top_k < 1 || top_k > 0x7fffffff || num_experts < 1 ||
+      num_experts > MM1_MOE_MAX_EXPERTS || hidden < 1 || inter < 1 || hidden > 0x7fff0000 || inter > 0x3fff0000 ||
+      (ids_bytes != 4 && ids_bytes != 8) ||
       (expert_map != nullptr && ((map_bytes != 4 && map_bytes != 8) || map_len < 1)))
     return cudaErrorInvalidValue;
   if (num_tokens == 0) return cudaSuccess;
   const int64_t n = num_tokens * top_k;
   const int64_t max_blocks = max_row_tiles(n, num_experts);
-  if (max_blocks * kBlockM > 0x7fffffff || num_tokens > 0x7fffffff) return cudaErrorInvalidValue;  // int32 slots
+  if (max_blocks * kBlockM > 0x7fffffff) return cudaErrorInvalidValue;  // int32 slots
   if (!x || !w13 || !w2 || !topk_weights || !topk_ids || !out || !workspace) return cudaErrorInvalidValue;
   if (weights_int8 && (!w13_scale || !w2_scale)) return cudaErrorInvalidValue;
+  // One token: its row stride is never used (a [1, hidden] view may carry any stride).
+  if (num_tokens == 1) stride_xt = stride_ot = 0;
+  // Output rows must not overlap: the combine writes them from different blocks.
+  if (num_tokens > 1 && stride_ot < hidden) return cudaErrorInvalidValue;
   // cp.async copies 16-byte vectors: 16-byte aligned bases and rows.
   const int64_t wel = weights_int8 ? 16 : 8;  // weight elements per 16 bytes
   if (!aligned16(x) || !aligned16(w13) || !aligned16(w2) || stride_xt % 8 || stride_w13_e % wel ||
       stride_w13_n % wel || stride_w2_e % wel || stride_w2_n % wel || !aligned16(workspace))
+    return cudaErrorInvalidValue;
+  // Scalar loads and stores: element-aligned pointers.
+  if (!aligned(topk_weights, 4) || !aligned(topk_ids, ids_bytes) || !aligned(out, 2) ||
+      (expert_map && !aligned(expert_map, map_bytes)) ||
+      (weights_int8 && (!aligned(w13_scale, 4) || !aligned(w2_scale, 4))))
     return cudaErrorInvalidValue;
   const Workspace ws = workspace_layout(num_tokens, top_k, num_experts, hidden, inter);
   if (workspace_bytes < ws.total) return cudaErrorInvalidValue;

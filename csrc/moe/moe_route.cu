@@ -145,6 +145,11 @@ extern "C" MM1_API cudaError_t mm1_moe_route(mm1_dtype_t dtype, const void* logi
     return cudaErrorInvalidValue;
   if (num_tokens == 0) return cudaSuccess;
   if (!logits || !topk_weights || !topk_ids) return cudaErrorInvalidValue;
+  // Scalar loads and stores: element-aligned pointers.
+  const uintptr_t elem = dtype == MM1_DTYPE_FLOAT32 ? 4 : 2;
+  if (reinterpret_cast<uintptr_t>(logits) % elem || reinterpret_cast<uintptr_t>(topk_weights) % 4 ||
+      reinterpret_cast<uintptr_t>(topk_ids) % 4)
+    return cudaErrorInvalidValue;
   const RouteArgs a{logits, num_tokens, stride_t, static_cast<int>(num_experts), top_k, renormalize != 0,
                     topk_weights, topk_ids};
   switch (dtype) {

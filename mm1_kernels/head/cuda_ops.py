@@ -46,22 +46,29 @@ if cuda_op_registered("head_forward_cuda") and cuda_op_registered("head_dlogits_
     REGISTERED = True
 
 
+def _rows(hidden):
+    """hidden with rows that do not overlap (the kernels' C API refuses a row stride below the
+    width, e.g. an expanded [T, K] view with stride 0): a copy only then."""
+    return hidden.contiguous() if hidden.shape[0] > 1 and hidden.stride(0) < hidden.shape[1] else hidden
+
+
 def head_forward_cuda(hidden, weight, targets, temperature: float):
     """fp32 (logprobs, lse, entropy) ``[T]`` from the CUDA kernels."""
-    lp, lse, ent, _ = torch.ops.mm1.head_forward_cuda(hidden, weight, targets, float(temperature), False)
+    lp, lse, ent, _ = torch.ops.mm1.head_forward_cuda(_rows(hidden), weight, targets, float(temperature), False)
     return lp, lse, ent
 
 
 def head_logits_cuda(hidden, weight, temperature: float):
     """fp32 ``[T, V]`` tempered logits, bitwise those the CUDA forward's statistics use."""
     no_targets = torch.full((hidden.shape[0],), IGNORE_INDEX, dtype=torch.int64, device=hidden.device)
-    return torch.ops.mm1.head_forward_cuda(hidden, weight, no_targets, float(temperature), True)[3]
+    return torch.ops.mm1.head_forward_cuda(_rows(hidden), weight, no_targets, float(temperature), True)[3]
 
 
 def head_backward_cuda(g_lp, g_lse, g_ent, hidden, weight, targets, lse, entropy, temperature: float,
                        vocab_chunk: int = BACKWARD_VOCAB_CHUNK, need_dweight: bool = True):
     """(dhidden, dweight): CUDA logit-gradient blocks, the shared fixed-order GEMM driver."""
     rows_per_block = max(TOKEN_TILE, TORCH_BLOCK_ELEMENTS // vocab_chunk)
+    hidden = _rows(hidden)
 
     def dz_block(t0, t1, v0, v1):
         return torch.ops.mm1.head_dlogits_cuda(

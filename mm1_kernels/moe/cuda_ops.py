@@ -54,6 +54,10 @@ def check_fused_moe_cuda_args(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     if x.shape[0] > 1 and x.stride(0) % 8 or not _aligned(x):
         raise ValueError(f"backend='cuda' of fused_moe copies 16-byte vectors: x must be 16-byte aligned "
                          f"with x.stride(0) a multiple of 8 elements (got {x.stride(0)})")
+    from .api import MAX_EXPERTS  # the C API's MM1_MOE_MAX_EXPERTS (csrc/moe/moe.h)
+    if w13.shape[0] > MAX_EXPERTS:
+        raise ValueError(f"backend='cuda' of fused_moe supports at most {MAX_EXPERTS} local experts "
+                         f"(w13.shape[0]), got {w13.shape[0]}")
     for name, w in (("w13", w13), ("w2", w2)):
         per16 = 16 // w.element_size()
         if w.stride(0) % per16 or w.stride(1) % per16 or not _aligned(w):

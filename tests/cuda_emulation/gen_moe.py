@@ -89,6 +89,11 @@ MUTATIONS = {
                     "const int bytes = (ro >= 0 && kk < K) ? 16 : 0;"),
     # The routing weight is not applied in the down epilogue.
     "gemm_route_weight": ("moe_gemm_emu.h", "= v * a.route_w[entry];", "= v;"),
+    # The main loop's barrier is dropped: warps read stages other warps' copies have not filled,
+    # and copies land in a stage other warps still read (a shared-memory race; ThreadSanitizer).
+    "gemm_drop_barrier": ("moe_gemm_emu.h",
+                          "    __syncthreads();               // everyone's have; and stage kt-1 is no longer read",
+                          "    /* dropped */                  // everyone's have; and stage kt-1 is no longer read"),
 }
 
 

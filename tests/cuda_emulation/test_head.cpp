@@ -224,7 +224,13 @@ int main(int argc, char** argv) {
   // fp32, element path (K = 37), τ = 2.5.
   const Case f32_scalar{"f32_t5_v200_k37_scalar", 5, 200, 37, 1, 0, 128, 2.5, 4, 3.0, false, false, false,
                         0, 5, 0, 200};
+  // bf16, the C API's split size: 2 splits of 2048 + 1 ids, targets at the first and the last id
+  // (the last split's only one), K = 8 (one partial K block), the backward block at the end of
+  // the vocabulary.
+  const Case bf16_split2048{"bf16_t2_v2049_k8_split2048", 2, 2049, 8, 0, 0, MM1_HEAD_SPLIT_V, 1.0, 4, 4.0, false,
+                            true, false, 0, 2, 1990, 2049};
   if (emu_want(argc, argv, bf16_vec.name)) run_case<__nv_bfloat16>(bf16_vec);
+  if (emu_want(argc, argv, bf16_split2048.name)) run_case<__nv_bfloat16>(bf16_split2048);
   if (emu_want(argc, argv, bf16_scalar.name)) run_case<__nv_bfloat16>(bf16_scalar);
   if (emu_want(argc, argv, f16_misaligned.name)) run_case<__half>(f16_misaligned);
   if (emu_want(argc, argv, f32_vec.name)) run_case<float>(f32_vec);

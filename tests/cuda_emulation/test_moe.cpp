@@ -511,6 +511,20 @@ int main(int argc, char** argv) {
     WANT("fused_bf16_many_tiles") fused_case<__nv_bfloat16, __nv_bfloat16>("fused_bf16_many_tiles", 24, 2, 48, 16, 16,
                                                                           16, 16, ids, nullptr, 35);
   }
+  {
+    // Edge sizes: one token, one expert, hidden = I = 1 (every copy a 2-byte tail, one column).
+    const Ids ids(std::vector<long long>{0}, 4);
+    WANT("fused_t1_e1_h1_i1") fused_case<__nv_bfloat16, __nv_bfloat16>("fused_t1_e1_h1_i1", 1, 1, 1, 1, 1, 8, 8, ids,
+                                                                      nullptr, 36);
+  }
+  {
+    // Every entry to one expert: 134 entries in 3 full-or-partial row tiles of expert 1, the
+    // other experts empty; T = 67 is not a multiple of the tile, hidden 33 and I = 65 leave
+    // 1-element K and column tails.
+    const Ids ids(std::vector<long long>(67 * 2, 1), 4);
+    WANT("fused_one_expert_t67") fused_case<__nv_bfloat16, __nv_bfloat16>("fused_one_expert_t67", 67, 2, 3, 33, 65, 40,
+                                                                         72, ids, nullptr, 37);
+  }
 #undef WANT
   std::printf("EMU_DONE\n");
   return 0;
