@@ -54,7 +54,10 @@ int index_bytes(const at::Tensor& t, const char* name) {
 std::tuple<at::Tensor, at::Tensor> lightning_prefill_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slopes,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& cu_seqlens,
-    bool output_final_state) {
+    bool output_final_state, int64_t segment_len, int64_t precision) {
+  TORCH_CHECK(segment_len >= 0 && segment_len % 64 == 0, "segment_len must be 0 (no split) or a positive multiple of 64, got ",
+              segment_len);
+  TORCH_CHECK(precision == 0 || precision == 1, "precision must be 0 (\"default\") or 1 (\"high\"), got ", precision);
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k, v must be [B, T, H, D]");
   check_last_dim(q, "q");
   check_last_dim(k, "k");
@@ -91,13 +94,18 @@ std::tuple<at::Tensor, at::Tensor> lightning_prefill_cuda(
   at::Tensor o = at::empty({B, T, H, DV}, q.options());
   at::Tensor final_state = output_final_state ? at::empty({N, H, D, DV}, q.options().dtype(at::kFloat))
                                               : at::empty({0}, q.options().dtype(at::kFloat));
+  // The split's workspace (segment states and table) from the caching allocator: no cudaMalloc per
+  // call, and safe to reuse once this stream's kernels are done (the allocator's stream rule).
+  const size_t ws_bytes = mm1_lightning_prefill_workspace_bytes(N, B, T, H, D, DV, segment_len);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_cuda(mm1_lightning_prefill(
                  to_mm1_dtype(q.scalar_type()), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
                  slopes.data_ptr<float>(), init_ptr, output_final_state ? final_state.data_ptr<float>() : nullptr,
                  cu_ptr, cu_bytes, N, B, T, H, D, DV,
                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                 v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), stream),
+                 v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), segment_len,
+                 static_cast<int>(precision), ws_bytes ? workspace.data_ptr() : nullptr, ws_bytes, stream),
              "mm1_lightning_prefill");
   return {o, final_state};
 }
@@ -146,7 +154,7 @@ at::Tensor lightning_decode_cuda(const at::Tensor& q, const at::Tensor& k, const
 
 TORCH_LIBRARY_FRAGMENT(mm1, m) {
   m.def("lightning_prefill_cuda(Tensor q, Tensor k, Tensor v, Tensor slopes, Tensor? initial_state, "
-        "Tensor? cu_seqlens, bool output_final_state) -> (Tensor, Tensor)");
+        "Tensor? cu_seqlens, bool output_final_state, int segment_len=0, int precision=0) -> (Tensor, Tensor)");
   m.def("lightning_decode_cuda(Tensor q, Tensor k, Tensor v, Tensor slopes, Tensor(a!) state_cache, "
         "Tensor? slot_ids) -> Tensor");
 }
@@ -220,7 +228,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& x, const at::Tensor& w13, const at::
               "x, w13 and w2 must have unit stride in their last dimension");
   // 16-byte vector copies (cp.async): aligned bases and rows.
   const int64_t wel = q ? 16 : 8;
-  TORCH_CHECK(aligned16(x) && x.stride(0) % 8 == 0, "x must be 16-byte aligned with rows a multiple of 8 elements apart");
+  TORCH_CHECK(aligned16(x) && (x.size(0) <= 1 || x.stride(0) % 8 == 0),
+              "x must be 16-byte aligned with rows a multiple of 8 elements apart");
   TORCH_CHECK(aligned16(w13) && w13.stride(0) % wel == 0 && w13.stride(1) % wel == 0,
               "w13 must be 16-byte aligned with expert and row strides multiples of 16 bytes");
   TORCH_CHECK(aligned16(w2) && w2.stride(0) % wel == 0 && w2.stride(1) % wel == 0,

@@ -140,9 +140,12 @@ int main(void) {
                                          0, 64, 128, 128, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     cudaError_t b = mm1_lightning_prefill(MM1_DTYPE_FLOAT32, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0,
                                           0, 0, 64, 128, 128, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                          0, 0, 0, 0);
-    printf("%d %d\n", (int)a, (int)b);
-    return (a == cudaSuccess && b == cudaSuccess) ? 0 : 1;
+                                          0, 0, 0, 0, 0, 0, 0, 0);
+    /* The split's workspace: a pure function of the sizes (8 heads, 128 x 128, 1000 tokens, L = 256:
+       5 rows of a 512 KiB state). */
+    size_t ws = mm1_lightning_prefill_workspace_bytes(1, 1, 1000, 8, 128, 128, 256);
+    printf("%d %d %zu\n", (int)a, (int)b, ws);
+    return (a == cudaSuccess && b == cudaSuccess && ws >= 5u * 8 * 128 * 128 * 4) ? 0 : 1;
 }
 """
 

@@ -42,7 +42,16 @@ What it catches:
   wrong B-fragment index (``gen.py --mutation pv_b_fragment``) and requires the checks to fail;
   ``test_harness_catches_bf16_kernel_bugs`` does the same for the bf16 kernel: a wrong ldmatrix
   row address, a dropped or too shallow ``cp.async.wait_group``, and the decayed-key pair
-  reduced to one bf16 product.
+  reduced to one bf16 product; ``test_harness_catches_split_bugs`` for the segment split (the
+  scan's decay power λ^(L-1), incoming states off by one segment, a final state written by a
+  non-last segment, a table without the last partial segment); ``bf16_high_drop_lo`` for
+  precision "high" (a lo product of Q S dropped).
+- the segment split (``*_split*`` cases: the table kernel, the local pass, the scan and the output
+  pass, run as the C API launches them, CTAs of a pass last row first): vs fp64 as above, and vs
+  the unsplit pass (o within the dtype's rounding, final states 1e-5).
+- precision "high" (``*_high*`` cases): per element, o's error beyond one bf16 spacing and the
+  final state's error stay under ``SPLIT_BOUND`` × the magnitude of the terms, and o's is at most
+  the "default" run's.
   ``MM1_EMU_MUTATION=<name>`` runs the whole module on mutated kernels (see ``gen.MUTATIONS``).
 
 What it cannot catch: real tensor-core rounding and the fp32 accumulation order (the emulation
@@ -128,6 +137,16 @@ PREFILL_CASES = {
     "bf16_d72_dv40_async_cu32_h2": dict(dtype="bfloat16", dmax=128, bf16_kernel=1, async16=1, varlen=1, cu_bytes=4,
                                         seqs_empty=1, seqs_len1=1, chunks=3),
     "bf16_d256_dv64_async_dmax256": dict(dtype="bfloat16", dmax=256, bf16_kernel=1, async16=1, chunks=4, has_init=0),
+    # The segment split (table kernel, local pass, scan, output pass; segment_len > 0).
+    "bf16_split64_varlen_cu32_h2": dict(dtype="bfloat16", bf16_kernel=1, async16=1, varlen=1, cu_bytes=4,
+                                        seqs_empty=1, seqs_len1=1, has_init=1, segment_len=64, table_rows=9,
+                                        segments=8),
+    "bf16_split128_b2_d128_fused_high": dict(dtype="bfloat16", bf16_kernel=1, async16=1, varlen=0, num_seqs=2,
+                                             has_init=0, segment_len=128, table_rows=6, segments=4, high=1),
+    "f32_split64_cu64_d32": dict(dtype="float32", bf16_kernel=0, varlen=1, cu_bytes=8, seqs_empty=1, has_init=1,
+                                 segment_len=64, table_rows=7, segments=6),
+    # precision "high" (bf16 pairs for the state in Q S and the decayed scores in P V).
+    "bf16_high_d64_t192_h2_init": dict(dtype="bfloat16", bf16_kernel=1, high=1, has_init=1, segment_len=0),
 }
 DECODE_CASES = {
     "f32_vec4_tpr32_i64": dict(dtype="float32", vec=4, tpr=32, slot_bytes=8, pad_rows=1, oob_rows=2, fused=1),
@@ -141,6 +160,11 @@ DECODE_CASES = {
     "f16_vec4_tpr32_i64": dict(dtype="float16", vec=4, tpr=32, slot_bytes=8, pad_rows=1, oob_rows=1),
 }
 O_TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+# precision "high", per element: o's error beyond one bf16 spacing of the truth, and the final
+# state's error, over the magnitude of the terms (tests/test_lightning.py's SPLIT_BOUND, the
+# same bound as for the Triton kernel's "high"). Measured: 1.8e-7 on o ("default": 5.0e-4 on the
+# same case), 2e-6 on the state; without a lo product 5e-5 … 5e-4.
+SPLIT_BOUND = 2.0 ** -15
 PREFILL_FINAL_TOL = {"float32": 1e-5, "bfloat16": 1e-5, "float16": 1e-5}
 DECODE_STATE_TOL = 1e-5
 
@@ -173,6 +197,22 @@ BF16_MUTATIONS = {
     "bf16_drop_cp_async_wait": ("bf16_d72_dv40_async_cu32_h2", "non-finite"),
     "bf16_cp_async_wait_depth": ("bf16_d72_dv40_async_cu32_h2", "non-finite|o rel err"),
     "bf16_state_pair_lo": ("bf16_d72_dv40_async_cu32_h2", "final state rel err"),
+    "bf16_high_drop_lo": ("bf16_high_d64_t192_h2_init", "o excess"),
+    "bf16_full_chunk_key_decay": ("bf16_d128_t130_fused", "final state rel err"),
+    "bf16_full_chunk_output_decay": ("bf16_d72_dv40_async_cu32_h2", "o rel err"),
+}
+
+
+# Segment-split mutations (gen.MUTATIONS) -> the check that must fail; each runs on the fp32 split
+# case (the table, the scan and the pass bookkeeping are shared by both kernels; fp32's 1e-5
+# bound is the tightest). The output pass runs its CTAs last row first, so a final state
+# written by a non-last segment is the one left.
+SPLIT_CASE = "f32_split64_cu64_d32"
+SPLIT_MUTATIONS = {
+    "split_scan_decay_power": "o rel err|final state rel err",
+    "split_incoming_off_by_one": "o rel err",
+    "split_final_from_non_last": "final state rel err",
+    "split_table_drops_partial": "non-finite",
 }
 
 
@@ -182,15 +222,16 @@ def emu_dir(tmp_path_factory) -> Path:
     gen.generate(d / "gen", CSRC, MUTATION)
     gen.generate(d / "gen_mut", CSRC, "pv_b_fragment")
     gen.generate(d / "gen_race", CSRC, "drop_state_barrier")
-    for mutation in BF16_MUTATIONS:
+    for mutation in (*BF16_MUTATIONS, *SPLIT_MUTATIONS):
         gen.generate(d / f"gen_{mutation}", CSRC, mutation)
     return d
 
 
 TSAN_FLAGS = ["-O1", "-g", "-fsanitize=thread"]
 # ThreadSanitizer runs every decode case and the prefill cases below (multi-chunk, both DMAX).
+# f32_split64_cu64_d32: the segment split (the table kernel's shared-memory scan, the scan kernel).
 TSAN_PREFILL_CASES = ["f32_d37_dv29_scalar", "f32_d80_dv48_separate", "bf16_d200_dv36_dmax256_cu64",
-                      "bf16_d72_dv40_async_cu32_h2"]
+                      "bf16_d72_dv40_async_cu32_h2", "f32_split64_cu64_d32"]
 TSAN_ENV = {"TSAN_OPTIONS": "halt_on_error=1:report_signal_unsafe=0"}
 RUN_TSAN = os.environ.get("MM1_EMU_TSAN", "1") != "0"
 
@@ -202,7 +243,11 @@ def emu_bins(emu_dir) -> dict[str, Path]:
     d = emu_dir
     jobs = {"prefill": ("test_prefill.cpp", "gen", SAN_FLAGS), "decode": ("test_decode.cpp", "gen", SAN_FLAGS),
             "prefill_mut": ("test_prefill.cpp", "gen_mut", ["-O1"])}
-    jobs.update({f"prefill_{m}": ("test_prefill.cpp", f"gen_{m}", ["-O1"]) for m in BF16_MUTATIONS})
+    # Builds for one mutation compile only the case they run where the driver allows it.
+    only = {**{m: ["-DEMU_ONLY_BF16"] for m in BF16_MUTATIONS}, "bf16_high_drop_lo": ["-DEMU_ONLY_BF16_HIGH"],
+            **{m: ["-DEMU_ONLY_F32_SPLIT"] for m in SPLIT_MUTATIONS}}
+    jobs.update({f"prefill_{m}": ("test_prefill.cpp", f"gen_{m}", ["-O1", *only.get(m, [])])
+                 for m in (*BF16_MUTATIONS, *SPLIT_MUTATIONS)})
     if RUN_TSAN:
         jobs.update(prefill_tsan=("test_prefill.cpp", "gen", TSAN_FLAGS),
                     decode_tsan=("test_decode.cpp", "gen", TSAN_FLAGS),
@@ -245,6 +290,22 @@ def check_prefill(r: dict) -> None:
         f"{name}: final state rel err {r['final_rel']:.3e} > {PREFILL_FINAL_TOL[dt]:g}"
     if r["chunks"] > 0:
         assert r["mma_warp0"] > 0, f"{name}: the emulated mma.sync was never called"
+    if r["high"]:
+        assert r["o_excess"] <= SPLIT_BOUND, \
+            f"{name}: \"high\" o excess {r['o_excess']:.3e} x |terms| beyond the bf16 rounding > {SPLIT_BOUND:.1e}"
+        assert r["final_excess"] <= SPLIT_BOUND, \
+            f"{name}: \"high\" final state excess {r['final_excess']:.3e} x |terms| > {SPLIT_BOUND:.1e}"
+        if r["segment_len"] == 0:  # unsplit "high" cases also ran "default"
+            assert r["o_excess"] <= r["o_default_excess"], \
+                f"{name}: \"high\" o excess {r['o_excess']:.3e} > \"default\"'s {r['o_default_excess']:.3e}"
+    if r["segment_len"] > 0:
+        # The split changes only fp32 roundings of the states: o as the unsplit pass's within the
+        # dtype's own rounding (fp32: 1e-5), the final states within the fp32-state contract.
+        split_o_tol = O_TOL[dt] if dt == "float32" else r["o_naive_rel"]
+        assert r["split_vs_whole_o_rel"] <= split_o_tol, \
+            f"{name}: split vs unsplit o rel diff {r['split_vs_whole_o_rel']:.3e} > {split_o_tol:.3e}"
+        assert r["split_vs_whole_final_rel"] <= PREFILL_FINAL_TOL[dt], \
+            f"{name}: split vs unsplit final state rel diff {r['split_vs_whole_final_rel']:.3e}"
 
 
 def check_decode(r: dict) -> None:
@@ -300,6 +361,16 @@ def test_harness_catches_bf16_kernel_bugs(emu_bins, mutation):
     results, _ = _run(emu_bins[f"prefill_{mutation}"], case)
     with pytest.raises(AssertionError, match=message):
         check_prefill(results[case])
+
+
+@pytest.mark.parametrize("mutation", list(SPLIT_MUTATIONS))
+def test_harness_catches_split_bugs(emu_bins, mutation):
+    """The checks must fail on the segment split with a planted bug: the scan's decay power
+    λ^(L-1), incoming states off by one segment, the final state written by a non-last segment,
+    a table without each sequence's last partial segment."""
+    results, _ = _run(emu_bins[f"prefill_{mutation}"], SPLIT_CASE)
+    with pytest.raises(AssertionError, match=SPLIT_MUTATIONS[mutation]):
+        check_prefill(results[SPLIT_CASE])
 
 
 def test_generator_fails_loudly_when_asm_changes(tmp_path):

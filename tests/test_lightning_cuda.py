@@ -142,6 +142,146 @@ def test_prefill_deterministic():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+# ---- the segment split (segment_len > 0) ------------------------------------------------------
+
+def cuda_prefill(q, k, v, s, init=None, cu=None, segment_len=0):
+    return torch.ops.mm1.lightning_prefill_cuda(q, k, v, s, init, cu, True, segment_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_split_varlen_matches_unsplit_and_fp64(dtype):
+    """Forced small segments, varlen with empty and length-1 sequences and an initial state."""
+    lengths = [1, 0, 300, 64, 0, 129, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    T, H, D = sum(lengths), 4, 64
+    q, k, v = qkv(1, T, H, D, D, dtype, seed=21)
+    s = slopes_for(H, 20)
+    init = torch.randn(len(lengths), H, D, D, device="cuda") * 0.1
+    ref_o, ref_final = lightning_recurrence(q, k, v, s, init, cu)
+    whole_o, whole_final = cuda_prefill(q, k, v, s, init, cu)
+    tol = TOL[dtype]
+    for L in (64, 128, 192):
+        poison_allocator()
+        o, final = cuda_prefill(q, k, v, s, init, cu, segment_len=L)
+        assert_close(o, ref_o, tol, f"split L={L}: o vs fp64")
+        assert_close(final, ref_final, tol, f"split L={L}: final state vs fp64")
+        assert_close(o, whole_o.float(), tol, f"split L={L}: o vs unsplit")
+        assert_close(final, whole_final, 1e-5, f"split L={L}: final vs unsplit")
+        assert torch.equal(final[1], init[1]) and torch.equal(final[4], init[4]), "empty sequence: final = init"
+        again = cuda_prefill(q, k, v, s, init, cu, segment_len=L)
+        assert torch.equal(o, again[0]) and torch.equal(final, again[1]), "split is not deterministic"
+
+
+@pytest.mark.parametrize("layer", [0, 78])
+def test_prefill_split_m1_tp8_shape(layer):
+    """M1 under TP = 8: H = 8, D = Dv = 128, one 32,768-token sequence. The planner splits it
+    (8 CTAs unsplit: one per head, BV = 128); also a forced 2048-token split, vs the Triton
+    kernel and fp64."""
+    from mm1_kernels.lightning.api import cuda_prefill_segment_len
+    B, T, H, D = 1, 32768, 8, 128
+    q, k, v = qkv(B, T, H, D, D, torch.bfloat16, fused=True, seed=layer)
+    s = slopes_for(H, layer)
+    init = torch.randn(B, H, D, D, device="cuda") * 0.1
+    planned = cuda_prefill_segment_len(q, v, None)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if sms >= 64:
+        assert planned > 0 and planned % 64 == 0, planned
+        assert H * -(-T // planned) <= sms < 2 * H * -(-T // planned), (planned, sms)
+    ref_o, ref_final = lightning_recurrence(q, k, v, s, init)
+    t_o, t_final = mk.lightning_attention(q, k, v, s, initial_state=init, output_final_state=True, backend="triton")
+    tol = TOL[torch.bfloat16]
+    for L in (planned, 2048):
+        poison_allocator()
+        o, final = cuda_prefill(q, k, v, s, init, None, segment_len=L)
+        assert_close(o, ref_o, tol, f"L={L}: o vs fp64")
+        assert_close(final, ref_final, tol, f"L={L}: final state vs fp64")
+        assert_close(o, t_o.float(), 2 * tol, f"L={L}: o vs triton")
+        assert_close(final, t_final, 2 * tol, f"L={L}: final state vs triton")
+    # The public op plans the split itself.
+    o, final = mk.lightning_attention(q, k, v, s, initial_state=init, output_final_state=True, backend="cuda")
+    assert_close(o, ref_o, tol, "lightning_attention(backend='cuda'): o vs fp64")
+
+
+@pytest.mark.parametrize("segment_len", [0, 64])
+def test_prefill_high_precision(segment_len):
+    """precision="high" (bf16 pairs for the state in Q S and the scores in P V) on the CUDA
+    kernel: at least as accurate as "default", close to Triton's "high", and what
+    lightning_attention(backend="cuda", precision="high") runs (no Triton fallback any more)."""
+    from mm1_kernels.lightning.api import cuda_prefill_segment_len
+    T, H, D = 200, 2, 64
+    q, k, v = qkv(1, T, H, D, D, torch.bfloat16, seed=5)
+    s = slopes_for(H, 0)
+    init = torch.randn(1, H, D, D, device="cuda") * 0.1
+    ref_o, ref_final = lightning_recurrence(q, k, v, s, init)
+    high = torch.ops.mm1.lightning_prefill_cuda(q, k, v, s, init, None, True, segment_len, 1)
+    default = torch.ops.mm1.lightning_prefill_cuda(q, k, v, s, init, None, True, segment_len, 0)
+    err = lambda o: ((o.double() - ref_o).norm() / ref_o.norm()).item()  # noqa: E731
+    assert err(high[0]) <= err(default[0]), (err(high[0]), err(default[0]))
+    assert_close(high[1], ref_final, 1e-5, "high: final state vs fp64")
+    t_o, _ = mk.lightning_attention(q, k, v, s, initial_state=init, output_final_state=True, backend="triton",
+                                    precision="high")
+    assert_close(high[0], t_o.float(), TOL[torch.bfloat16], "high: o vs triton high")
+    o, final = mk.lightning_attention(q, k, v, s, initial_state=init, output_final_state=True, backend="cuda",
+                                      precision="high")
+    direct = torch.ops.mm1.lightning_prefill_cuda(q, k, v, s, init, None, True, cuda_prefill_segment_len(q, v, None), 1)
+    assert torch.equal(o, direct[0]) and torch.equal(final, direct[1])
+
+
+def test_prefill_split_rejects_bad_segment_len():
+    q, k, v = qkv(1, 100, 2, 32, 32, torch.bfloat16)
+    s = slopes_for(2, 3)
+    for bad in (-64, 32, 100):
+        with pytest.raises(RuntimeError, match="segment_len"):
+            cuda_prefill(q, k, v, s, segment_len=bad)
+
+
+def test_prefill_split_c_api_workspace():
+    """mm1_lightning_prefill_workspace_bytes is a pure function of the sizes; a workspace one
+    byte too small is refused with cudaErrorInvalidValue (1) and nothing is launched."""
+    lib = ctypes.CDLL(importlib.util.find_spec("mm1_kernels._C").origin)
+    ws = lib.mm1_lightning_prefill_workspace_bytes
+    ws.argtypes = [ctypes.c_int64] * 7
+    ws.restype = ctypes.c_size_t
+    N, B, T, H, D, DV, L = 1, 1, 1000, 2, 64, 64, 128
+    rows = -(-B * T // L) + N
+    need = ws(N, B, T, H, D, DV, L)
+    assert need >= rows * H * D * DV * 4 + rows * 32 + (N + 1) * 8
+    assert ws(N, B, T, H, D, DV, 0) == 0
+    fn = lib.mm1_lightning_prefill
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = ([ctypes.c_int, vp, vp, vp, vp, vp, vp, vp, vp, ctypes.c_int] + [i64] * 6 + [i64] * 12
+                   + [i64, ctypes.c_int, vp, ctypes.c_size_t, vp])
+    fn.restype = ctypes.c_int
+    q, k, v = qkv(B, T, H, D, DV, torch.bfloat16)
+    o = torch.full((B, T, H, DV), float("nan"), dtype=torch.bfloat16, device="cuda")
+    s = slopes_for(H, 3)
+    work = torch.empty(need, dtype=torch.uint8, device="cuda")
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3]]
+    args = [2, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), s.data_ptr(), None, None, None, 4,
+            N, B, T, H, D, DV, *strides, L, 0, work.data_ptr()]
+    stream = torch.cuda.current_stream().cuda_stream
+    assert fn(*args, need - 1, stream) == 1
+    assert torch.isnan(o.float()).all()
+    assert fn(*args, need, stream) == 0
+    ref_o, _ = lightning_recurrence(q, k, v, s)
+    assert_close(o, ref_o, TOL[torch.bfloat16], "C API split o vs fp64")
+
+
+def test_prefill_split_cuda_graph_capture():
+    """No host synchronization in the split (the table is built on the device): capturable."""
+    lengths = [300, 0, 5]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64, device="cuda")
+    q, k, v = qkv(1, sum(lengths), 2, 64, 64, torch.bfloat16, seed=3)
+    s = slopes_for(2, 9)
+    ref = cuda_prefill(q, k, v, s, None, cu, segment_len=64)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_prefill(q, k, v, s, None, cu, segment_len=64)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 # ---- decode ---------------------------------------------------------------------------------
 
 def decode_reference_fp64(q, k, v, slopes, state, slots):
@@ -320,6 +460,7 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         cu = torch.tensor([0, 1, 66, 140], dtype=torch.int32, device="cuda")
         q, k, v = (torch.randn(1, 140, 2, 64, device="cuda").to(dtype) for _ in range(3))
         mk.lightning_attention(q, k, v, s, output_final_state=True, cu_seqlens=cu, backend="cuda")
+        torch.ops.mm1.lightning_prefill_cuda(q, k, v, s, None, cu, True, 64)  # the segment split
         for D in (128, 30):
             q, k, v = (torch.randn(3, 2, D, device="cuda").to(dtype) for _ in range(3))
             state = torch.randn(4, 2, D, D, device="cuda")

@@ -99,9 +99,10 @@ def test_fa2_column_and_sentence():
     ref = reference(y)["loop_instructions_per_mma"]
     st = {"registers": 156, "spill_bytes": 0, "stack_bytes": 0, "static_shared_bytes": 0}
     loop = _sass(["HMMA.16816.F32.BF16 R4, R8, R12, R4"] + ["FADD R0, R1, R2"] * 6 + ["@P0 BRA 0x0", "EXIT"])
-    pretty = "void mm1::lightning::(anonymous namespace)::lightning_prefill_bf16_kernel<128, 64, true>(mm1::P)"
+    pretty = ("void mm1::lightning::(anonymous namespace)::"
+              "lightning_prefill_bf16_kernel<128, 128, true, 0, false>(mm1::P)")
     row = kernel_row("csrc/lightning/lightning_prefill.cu", pretty, st, loop, 256)
-    assert row["loop_instructions_per_mma"] == 8.0 and row["m1_use"] == "prefill, all T"
+    assert row["loop_instructions_per_mma"] == 8.0 and row["m1_use"] == "prefill, one segment per sequence"
     assert row["loop_per_mma_over_fa2"] == round(8.0 / ref, 2)
     rep = {"versions": {"triton": "t", "ptxas": "p", "nvcc": "n", "python": "3"}, "commit": "c", "seconds": 1.0,
            "what": "w", "ops": [], "cuda": [row], "fa2_yardstick": y}
@@ -120,10 +121,22 @@ def test_cuda_rows_tolerate_new_kernels():
     st = {"registers": 64, "spill_bytes": 0, "stack_bytes": 0, "static_shared_bytes": 1024}
     loop = _sass(["HMMA.16816.F32.BF16 R4, R8, R12, R4", "MOV R0, R1", "@P0 BRA 0x0", "EXIT"])
     ns = "void mm1::lightning::(anonymous namespace)::"
-    new = kernel_row("f.cu", ns + "lightning_prefill_bf16_kernel<128, 64, true, true, (mm1::Precision)1>(A)",
+    new = kernel_row("f.cu", ns + "lightning_prefill_bf16_kernel<128, 64, true, 3, (mm1::Precision)1>(A)",
                      st, loop, 256)
-    assert new["kernel"] == "lightning_prefill_bf16_kernel<128, 64, true, true, (mm1::Precision)1>"
+    assert new["kernel"] == "lightning_prefill_bf16_kernel<128, 64, true, 3, (mm1::Precision)1>"
     assert new["m1_use"] == "-" and new["loop_hmma"] == 1 and "issued_over_counted_model" not in new
+    # The modeled passes: the whole and output passes in both precisions; the local pass's
+    # K^T V is the split's extra work (not in the count), so it has no ratio.
+    got = {}
+    for args in ("0, false", "2, false", "0, true", "2, true", "1, false"):
+        r = kernel_row("f.cu", ns + f"lightning_prefill_bf16_kernel<128, 128, true, {args}>(A)", st, loop, 256)
+        assert r["m1_use"] != "-", args
+        got[args] = r.get("issued_over_counted_model")
+    assert got["0, false"] == got["2, false"] == 1.208 and got["0, true"] == got["2, true"] == 1.646
+    assert got["1, false"] is None
+    # Two value tiles per head (BV = 64 at Dv = 128) would issue Q K^T twice: 1.31x, not 1.21x.
+    from profiles.static.cuda import prefill_bf16_issued_over_counted
+    assert prefill_bf16_issued_over_counted(bv=64) == 1.3125
     for pretty in (ns + "lightning_segment_table_kernel(mm1::lightning::SegArgs)",
                    ns + "lightning_scan_kernel<__nv_bfloat16>(mm1::lightning::ScanArgs)"):
         r = kernel_row("f.cu", pretty, st, _sass(["MOV R0, R1", "EXIT"]), 128)

@@ -19,6 +19,7 @@
 #ifndef MM1_LIGHTNING_H_
 #define MM1_LIGHTNING_H_
 
+#include <stddef.h>
 #include <stdint.h>
 #include <cuda_runtime_api.h>
 
@@ -66,6 +67,25 @@ MM1_API cudaError_t mm1_lightning_decode(
  * initial_state: NULL (zeros) or fp32 [N, H, D, DV] contiguous.
  * final_state: NULL or fp32 [N, H, D, DV] contiguous, written with each sequence's last state.
  * Tokens of o outside every sequence (varlen offsets not covering [0, T)) are not written.
+ * Varlen sequences must not overlap (their tokens would be written twice).
+ *
+ * segment_len: 0 = one CTA per (sequence, head, value tile) walks the whole sequence. A positive
+ *   multiple of 64 splits every sequence into segments of segment_len tokens (the last one
+ *   partial; an empty sequence keeps one empty segment) so that few long sequences still fill
+ *   the GPU: a local-state pass over every non-last segment, a scan over segment boundaries
+ *   (fp32, S <- λ^L S + local, in segment order, from initial_state) and an output pass from
+ *   each segment's incoming state (the sequence's last segment writes final_state). The split
+ *   changes only fp32 rounding (o within the dtype's rounding, states ~1e-6). The segment table
+ *   is built on the device (no host synchronization); deterministic, no atomics. Choose it with
+ *   the Python planner (mm1_kernels/lightning/triton_prefill.py, choose_segment_len), or any
+ *   multiple of 64: more segments fill more SMs but recompute each non-last segment's K^T V.
+ * precision: bf16 inputs only (fp32 and fp16 ignore it), as lightning_attention's precision=:
+ *   0 "default": the state in q S and the decayed scores in P V are rounded to bf16 once
+ *   (within 2x the naive bf16 error); 1 "high": each is a bf16 pair hi + lo (~16 significant
+ *   bits, two tensor-core products each). The state update's decayed keys are a pair in both.
+ * workspace: caller-owned device memory of at least
+ *   mm1_lightning_prefill_workspace_bytes(...) bytes, 16-byte aligned (unused, may be NULL, when
+ *   segment_len == 0); its contents on entry do not matter. cudaErrorInvalidValue when too small.
  */
 MM1_API cudaError_t mm1_lightning_prefill(
     mm1_dtype_t dtype, const void* q, const void* k, const void* v, void* o,
@@ -76,7 +96,17 @@ MM1_API cudaError_t mm1_lightning_prefill(
     int64_t stride_kb, int64_t stride_kt, int64_t stride_kh,
     int64_t stride_vb, int64_t stride_vt, int64_t stride_vh,
     int64_t stride_ob, int64_t stride_ot, int64_t stride_oh,
+    int64_t segment_len, int precision, void* workspace, size_t workspace_bytes,
     cudaStream_t stream);
+
+/* Workspace bytes mm1_lightning_prefill needs for these sizes (the arguments of the same
+ * names): one fp32 [H, D, DV] state and 32 bytes of segment table per row, ⌈batch·seqlen /
+ * segment_len⌉ + num_seqs rows (a static bound of the segments), and 8·(num_seqs + 1) bytes. A
+ * pure function of the sizes, so it can be allocated before the cu_seqlens values are known
+ * (and during CUDA graph capture). 0 when segment_len <= 0 (no split) or num_seqs <= 0. */
+MM1_API size_t mm1_lightning_prefill_workspace_bytes(
+    int64_t num_seqs, int64_t batch, int64_t seqlen, int64_t heads, int64_t head_dim, int64_t value_dim,
+    int64_t segment_len);
 
 #ifdef __cplusplus
 }  /* extern "C" */

@@ -188,6 +188,10 @@ struct PrefillArgs {
   bool vec4;     // 4-element vector loads (TF32 kernel)
   bool async16;  // 16-byte cp.async of q/k/v rows (bf16 kernel)
   int64_t sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh;
+  // Segment split (segment_len > 0; carved out of the caller's workspace, unused otherwise):
+  int64_t* seg_table;  // [rows, 4]: sequence (-1 = idle row), t_start, t_end, is the sequence's last segment
+  int64_t* seg_first;  // [N + 1]: each sequence's first row; seg_first[N] = rows in use
+  float* seg_state;    // [rows, H, D, DV]: local states (local pass), then incoming states (scan)
 };
 
 }  // namespace lightning

@@ -14,8 +14,10 @@ import torch
 from .._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    PRECISIONS,
     can_check_device_values,
     check_cu_seqlens,
+    check_precision,
     check_same_dtype,
     check_slopes,
     check_slot_ids,
@@ -31,20 +33,35 @@ MAX_HEAD_DIM = 256
 # "default" rounds the fp32 state and decayed scores to bf16 for their products (one bf16
 # matmul each, within 2× the naive bf16 error); "high" splits them into a bf16 hi + lo pair
 # (~16 significant bits, two matmuls each). The state update is a pair in both (fp32 state).
-# fp32 and fp16 inputs, and the other backends, are unaffected.
-PRECISIONS = ("default", "high")
+# fp32 and fp16 inputs, and the other backends, are unaffected. (PRECISIONS and
+# check_precision live in _checks, shared with the FP32 head.)
 
 
-def check_precision(precision) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+def cuda_prefill_segment_len(q: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
+    """``segment_len`` for the CUDA prefill (0: no split), from static sizes and the SM count.
+
+    The Triton prefill's planner (``triton_prefill.choose_segment_len``, one home for both
+    backends) with the CUDA kernels' value tiles (csrc/README.md; at D <= 128: 128 columns in the
+    bf16 kernel, 64 in the TF32 one; else 32): one bf16 sequence at H = 8, D = Dv = 128 is 8 CTAs
+    and becomes 128 on 132 SMs. Without Triton (the planner's module imports it) the CUDA
+    prefill runs unsplit: same results, fewer CTAs.
+    """
+    if TRITON_IMPORT_ERROR is not None:
+        return 0
+    from .triton_prefill import choose_segment_len
+    B, T, H, D = q.shape
+    DV = v.shape[-1]
+    n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    value_tiles = -(-DV // ((128 if q.dtype == torch.bfloat16 else 64) if D <= 128 else 32))
+    return choose_segment_len(B * T, n, H, value_tiles, H * D * DV * 4, q.device) or 0
 
 
-def _cuda_prefill_lacks(q: torch.Tensor, precision: str) -> bool:
-    """The CUDA prefill computes bf16 inputs in "default" precision only (csrc/README.md), so
-    under backend="cuda" a bf16 prefill with precision="high" runs the Triton kernel, which has
-    it (fp32/fp16 inputs ignore precision on every backend)."""
-    return precision == "high" and q.dtype == torch.bfloat16
+def _cuda_prefill(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, precision):
+    """The CUDA prefill with the planned split; ``precision`` as the C API's (0 "default", 1 "high")."""
+    return torch.ops.mm1.lightning_prefill_cuda(q, k, v, slopes, initial_state, cu_seqlens, output_final_state,
+                                                cuda_prefill_segment_len(q, v, cu_seqlens),
+                                                PRECISIONS.index(precision))
+
 
 # Automatic choice on a GPU: Triton before the CUDA kernels until a GPU run has verified and
 # timed the CUDA path (so far it is compile-checked and verified in host emulation only);
@@ -66,13 +83,12 @@ def _lightning_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                             precision: str = "default", consistent: bool = False
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     check_precision(precision)
-    if backend == "triton" or (backend == "cuda" and (consistent or _cuda_prefill_lacks(q, precision))):
+    if backend == "triton" or (backend == "cuda" and consistent):
         from .triton_prefill import lightning_prefill_triton
         o, final = lightning_prefill_triton(q, k, v, slopes, initial_state, cu_seqlens, output_final_state,
                                             precision=precision, consistent=consistent)
     elif backend == "cuda":
-        o, final = torch.ops.mm1.lightning_prefill_cuda(q, k, v, slopes, initial_state, cu_seqlens,
-                                                        output_final_state)
+        o, final = _cuda_prefill(q, k, v, slopes, initial_state, cu_seqlens, output_final_state, precision)
     else:
         o, final = reference.lightning_chunked(q, k, v, slopes, initial_state, cu_seqlens, consistent=consistent)
     if not output_final_state or final is None:
@@ -172,8 +188,7 @@ def _lightning_attention_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
                                    backend: str, precision: str = "default") -> Tuple[torch.Tensor, torch.Tensor]:
     check_precision(precision)
-    if backend == "triton" or (backend == "cuda" and _cuda_prefill_lacks(q, precision)):  # in place: the
-        # kernels index the cache through slot_ids
+    if backend == "triton":  # in place: the kernels index the cache through slot_ids
         from .triton_prefill import lightning_prefill_triton
         o, final = lightning_prefill_triton(q, k, v, slopes, None, cu_seqlens, output_final_state,
                                             state_cache=state_cache, slot_ids=slot_ids, precision=precision)
@@ -181,7 +196,7 @@ def _lightning_attention_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         prefill = None
         if backend == "cuda":
             def prefill(q, k, v, slopes, init, cu):
-                return torch.ops.mm1.lightning_prefill_cuda(q, k, v, slopes, init, cu, True)
+                return _cuda_prefill(q, k, v, slopes, init, cu, True, precision)
         o, final = reference.lightning_chunked_cached(q, k, v, slopes, state_cache, slot_ids, cu_seqlens,
                                                       prefill=prefill)
     if not output_final_state or final is None:
@@ -295,9 +310,8 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
             bf16-accurate (~2e-3 relative, within 2× naive), in ``"high"`` ~2e-6. fp32 inputs
             always multiply in full fp32 and fp16 inputs in TF32 (exact for fp16, no fp16
             overflow of the state), whatever ``precision`` says; the torch backend (an fp64/fp32
-            reference) ignores it. The CUDA backend computes bf16 inputs in ``"default"``
-            (the same scheme on bf16 tensor cores, csrc/README.md) and fp32/fp16 like Triton;
-            ``"high"`` with bf16 inputs under ``backend="cuda"`` runs the Triton prefill.
+            reference) ignores it. The CUDA backend has both modes for bf16 inputs (the same
+            schemes on bf16 tensor cores, csrc/README.md) and computes fp32/fp16 like Triton.
         consistent: consistent mode's canonical arithmetic (docs/m1_math.md §3.6): one pass per
             sequence whatever the sizes (the Triton kernel never splits a sequence into
             segments; the torch backend pads every chunk to 64 rows), so each token's output is

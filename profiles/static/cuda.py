@@ -48,15 +48,21 @@ def _prefill_bf16_smem(dmax: int, bv: int) -> int:
     return (2 * stage + chunk * (chunk + 8) + dmax * (bv + 8)) * 2 + 68 * 4
 
 
-def prefill_bf16_issued_over_counted(d: int = 128, dv: int = 128, chunk: int = 64) -> float:
+def prefill_bf16_issued_over_counted(d: int = 128, dv: int = 128, chunk: int = 64, high: bool = False,
+                                     dmax: int = 128, bv: int = 128) -> float:
     """Tensor work the bf16 prefill issues per full chunk and head over the counted 4C²D + 4CD·Dv
     (2C²D + 2C²Dv + 2CD·Dv + 2CD·Dv: Q K^T, P V, Q S, K^T V). It issues Q K^T and P V on the
     16×16 tiles on or below the diagonal (rows [16r, 16r+16) take r+1 of C/16 column tiles),
-    Q S once and K^T V twice (the decayed keys' bf16 pair); the k-extent over D is ⌈D/16⌉·16."""
+    Q K^T once per value tile (⌈Dv/BV⌉ CTAs per head: one at M1's D = Dv = BV = 128), Q S once
+    and K^T V twice (the decayed keys' bf16 pair); ``high`` issues P V and Q S twice too (the
+    scores' and the state's pairs). The k-extent over D is the instantiation's DMAX (the k-steps
+    past D multiply zeros; none at D = DMAX)."""
     tiles = chunk // 16
     causal = sum(r + 1 for r in range(tiles)) / tiles ** 2      # 10/16 at C = 64
-    dq = -(-d // 16) * 16
-    issued = causal * (2 * chunk * chunk * dq + 2 * chunk * chunk * dv) + 2 * chunk * dq * dv + 4 * chunk * dq * dv
+    pair = 2 if high else 1
+    value_tiles = -(-dv // bv)
+    issued = (causal * (value_tiles * 2 * chunk * chunk * dmax + pair * 2 * chunk * chunk * dv)
+              + pair * 2 * chunk * dmax * dv + 4 * chunk * dmax * dv)
     counted = 4 * chunk * chunk * d + 2 * chunk * d * dv + 2 * chunk * d * dv
     return issued / counted
 
@@ -126,10 +132,19 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-# Which instantiations M1 (bf16, D = Dv = 128, H = 64) launches: the bf16 prefill <128, 64, true>
-# (cp.async); decode with VEC 4 and TPR 4 at B = 1 (64 heads × 4 slices < 2 × 132), TPR 32 at B ≥ 64.
+# Which instantiations M1 (bf16, D = Dv = 128) launches: the bf16 prefill <DMAX 128, BV 128, cp.async,
+# PASS, HIGH> — PASS 0 one CTA per (sequence, head, value tile) walking the sequence, 1 and 2 the
+# segment split's local-state and output passes (a long sequence at few heads: TP = 8 has 8),
+# HIGH the precision="high" build — with the split's table and scan kernels; decode with VEC 4 and
+# TPR 4 at B = 1 (64 heads × 4 slices < 2 × 132), TPR 32 at B ≥ 64.
 M1_USE = {
-    ("lightning_prefill_bf16_kernel", "128, 64, true"): "prefill, all T",
+    ("lightning_prefill_bf16_kernel", "128, 128, true, 0, false"): "prefill, one segment per sequence",
+    ("lightning_prefill_bf16_kernel", "128, 128, true, 2, false"): "prefill split: output pass",
+    ("lightning_prefill_bf16_kernel", "128, 128, true, 1, false"): "prefill split: local pass",
+    ("lightning_prefill_bf16_kernel", "128, 128, true, 0, true"): "prefill, precision=high",
+    ("lightning_prefill_bf16_kernel", "128, 128, true, 2, true"): "prefill split: output pass, high",
+    ("lightning_prefill_segments_kernel", ""): "prefill split: segment table",
+    ("lightning_prefill_scan_kernel", ""): "prefill split: scan",
     ("lightning_decode_kernel", "__nv_bfloat16, 4, 4"): "decode B=1",
     ("lightning_decode_kernel", "__nv_bfloat16, 4, 32"): "decode B=64, 256",
 }
@@ -173,8 +188,10 @@ def kernel_row(file: str, pretty: str, st: dict, body: str, threads: int | None)
     elif kernel == "lightning_prefill_bf16_kernel" and len(ints) >= 2:
         smem += _prefill_bf16_smem(ints[0], ints[1])  # <DMAX, BV, ASYNC, ...>
         extra = chunk_loop_summary(body)
-        if use:
-            extra["issued_over_counted_model"] = round(prefill_bf16_issued_over_counted(), 3)
+        args = [x.strip() for x in targs.split(",")]  # DMAX, BV, ASYNC, PASS, HIGH
+        if use and len(args) == 5 and args[3] != "1":  # the local pass's K^T V is not in the count
+            extra["issued_over_counted_model"] = round(
+                prefill_bf16_issued_over_counted(high=args[4] == "true", dmax=ints[0], bv=ints[1]), 3)
     if extra.get("loop_instructions_per_mma"):
         extra["loop_per_mma_over_fa2"] = per_mma_over_fa2(extra["loop_instructions_per_mma"])
     return {"file": file, "kernel": f"{kernel}<{targs}>" if targs else kernel, "m1_use": use or "-",

@@ -206,7 +206,8 @@ def markdown(rep: dict) -> str:
             out += ["", "Chunk loops of the CUDA lightning prefill (static SASS of the loop body: the full "
                     "causal row tile's path, straight-line in the cp.async builds); issued ÷ counted is "
                     "profiles/static/cuda.py's model of the loop (causal 16×16 tiles only, the state "
-                    "update's pair counted twice), an estimate. " + _yardstick_sentence(rep.get("fa2_yardstick")),
+                    "update's pair counted twice; precision=high also the pairs of P V and Q S), an estimate. "
+                    + _yardstick_sentence(rep.get("fa2_yardstick")),
                     "",
                     "| kernel | loop instructions | HMMA | LDSM | LDGSTS | instructions per HMMA | ÷ FA2 | "
                     "issued ÷ counted |",

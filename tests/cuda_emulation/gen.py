@@ -59,7 +59,9 @@ ASM_BODIES = {
 
 # generated file -> (source under csrc, names of the __global__ kernels it defines)
 KERNELS = {
-    "prefill_emu.h": ("lightning/lightning_prefill.cu", ("lightning_prefill_kernel", "lightning_prefill_bf16_kernel")),
+    "prefill_emu.h": ("lightning/lightning_prefill.cu",
+                      ("lightning_prefill_kernel", "lightning_prefill_bf16_kernel",
+                       "lightning_prefill_segments_kernel", "lightning_prefill_scan_kernel")),
     "decode_emu.h": ("lightning/lightning_decode.cu", ("lightning_decode_kernel",)),
 }
 COMMON_SRC = "lightning/lightning_common.cuh"
@@ -86,7 +88,30 @@ MUTATIONS = {
     "bf16_cp_async_wait_depth": ("prefill_emu.h", "    cp_async_wait<1>();\n", "    cp_async_wait<2>();\n"),
     # bf16 kernel: the lo half of the decayed-key pair is dropped (keys rounded to bf16 once):
     # the state loses the fp32 contract.
-    "bf16_state_pair_lo": ("prefill_emu.h", "mma_bf16(st[mi][ni], lo, fb[ni]);", "/* dropped */"),
+    "bf16_state_pair_lo": ("prefill_emu.h",
+                           "lo[mi][e] = pack_bf16x2(fmaf(kv.x, d0, -yh.x), fmaf(kv.y, d1, -yh.y));",
+                           "lo[mi][e] = 0u;"),
+    # bf16 kernel, loop over full chunks: the key decays of the first 16-token step are used for
+    # every step (the registers hoisted out of the loop indexed wrongly).
+    "bf16_full_chunk_key_decay": ("prefill_emu.h", "kd[e] = FULL ? k_dec[i0 / 16][e]", "kd[e] = FULL ? k_dec[0][e]"),
+    # bf16 kernel, loop over full chunks: both output rows of a lane take row g's λ^(j+1).
+    "bf16_full_chunk_output_decay": ("prefill_emu.h", "fmaf(o_dec[r >= 2], qs[ni][r], pv[ni][r])",
+                                     "fmaf(o_dec[0], qs[ni][r], pv[ni][r])"),
+    # Segment split: the scan decays a segment's carried state by λ^(L-1) instead of λ^L.
+    "split_scan_decay_power": ("prefill_emu.h", "static_cast<double>(segment_len)));",
+                               "static_cast<double>(segment_len - 1)));"),
+    # Segment split: each segment's incoming state is the one after it (off by one segment).
+    "split_incoming_off_by_one": ("prefill_emu.h", "    *p = S;\n    S = fmaf(S, decay, local);\n",
+                                  "    S = fmaf(S, decay, local);\n    *p = S;\n"),
+    # Segment split: every segment of the output pass writes the final state, not only the last.
+    "split_final_from_non_last": ("prefill_emu.h", "w.out = (last && a.final_state) ?", "w.out = (a.final_state) ?"),
+    # Segment split: the table drops each sequence's last partial segment (⌊len/L⌋ segments).
+    "split_table_drops_partial": ("prefill_emu.h",
+                                  "cnt = max((eos - bos + segment_len - 1) / segment_len, int64_t(1));",
+                                  "cnt = max((eos - bos) / segment_len, int64_t(1));"),
+    # bf16 kernel, precision "high": the lo product of the state in Q S is dropped (hi alone).
+    "bf16_high_drop_lo": ("prefill_emu.h", "                mma_bf16(qs[2 * np], fa, l0);\n",
+                          "                /* dropped */\n"),
     # Decode reduction over warps skips the last warp.
     "decode_reduce": ("decode_emu.h", "for (int w = 0; w < kDecodeWarps; ++w) sum += red_s[w][c];",
                       "for (int w = 0; w < kDecodeWarps - 1; ++w) sum += red_s[w][c];"),

@@ -17,12 +17,18 @@ struct Case {
   std::vector<long long> cu;  // empty: no cu_seqlens
   int cu_bytes;
   double slope_scale;
+  int64_t seg = 0;  // segment_len: 0 = one pass; > 0 = the split (table, local pass, scan, output pass)
+  bool high = false;  // bf16 kernel: precision "high" (unsplit cases also run "default" to compare)
 };
 
-template <class T, int DMAX, int BV>
+// SPLIT, HIGH: compile-time, so that only the cases that need them instantiate the split's passes
+// and the "high" kernels (each kernel instantiation costs compile time under ASan/TSan).
+template <class T, int DMAX, int BV, bool SPLIT = false, bool HIGH = false>
 void run_case(const Case& c) {
+  if ((c.seg > 0) != SPLIT || c.high != HIGH) { std::fprintf(stderr, "%s: SPLIT/HIGH template arguments\n", c.name); std::abort(); }
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;  // the bf16 kernel (mma m16n8k16)
-  const size_t smem_bytes = kBf16 ? Bf16PrefillLayout<DMAX, BV>::BYTES : PrefillLayout<DMAX, BV>::BYTES;
+  const size_t smem_bytes = !kBf16 ? PrefillLayout<DMAX, BV>::BYTES
+                            : c.high ? Bf16PrefillLayout<DMAX, BV, true>::BYTES : Bf16PrefillLayout<DMAX, BV, false>::BYTES;
   std::mt19937 rng(1234);
   std::normal_distribution<float> nd(0.f, 1.f);
   const int B = c.B, Tn = c.T, H = c.H, D = c.D, DV = c.DV;
@@ -79,25 +85,99 @@ void run_case(const Case& c) {
   emu_dyn_smem = reinterpret_cast<unsigned char*>(smem.data());
   emu_dyn_smem_bytes = smem_bytes;
   emu_mma_count = 0;
-  for (unsigned n = 0; n < N; ++n)
-    for (unsigned h = 0; h < (unsigned)H; ++h)
-      for (unsigned z = 0; z < (unsigned)((DV + BV - 1) / BV); ++z) {
-        std::fill(smem.begin(), smem.end(), NAN);  // poison shared memory
-        emu_run_block(256, make_uint3(n, h, z), [&] {
-          if constexpr (kBf16) {
-            if (async16) lightning_prefill_bf16_kernel<DMAX, BV, true>(a);
-            else lightning_prefill_bf16_kernel<DMAX, BV, false>(a);
-          } else {
-            lightning_prefill_kernel<T, DMAX, BV>(a);
-          }
-        });
+  // One launch of a prefill pass over `blocks` x H x value tiles. CTAs of a launch are unordered
+  // on a GPU; `reverse` runs them last row first (a final state written by a non-last segment
+  // would then be the one left).
+  auto run_pass = [&](auto pass, const PrefillArgs& args, int64_t blocks, bool reverse, bool high) {
+    constexpr int PASS = decltype(pass)::value;
+    constexpr bool HIGH_OK = PASS != kLocal;  // the local pass has one variant (no Q S, P V)
+    for (int64_t i = 0; i < blocks; ++i)
+      for (unsigned h = 0; h < (unsigned)H; ++h)
+        for (unsigned z = 0; z < (unsigned)((DV + BV - 1) / BV); ++z) {
+          const unsigned n = (unsigned)(reverse ? blocks - 1 - i : i);
+          std::fill(smem.begin(), smem.end(), NAN);  // poison shared memory
+          emu_run_block(256, make_uint3(n, h, z), [&] {
+            if constexpr (kBf16 && (SPLIT || HIGH)) {
+              // The split and "high" cases have 16-byte rows: only the cp.async variants.
+              if (!async16) { std::fprintf(stderr, "%s: split/high cases need async16\n", c.name); std::abort(); }
+              if (high) lightning_prefill_bf16_kernel<DMAX, BV, true, PASS, HIGH && HIGH_OK>(args);
+              else lightning_prefill_bf16_kernel<DMAX, BV, true, PASS, false>(args);
+            } else if constexpr (kBf16) {
+              if (async16) lightning_prefill_bf16_kernel<DMAX, BV, true, PASS, false>(args);
+              else lightning_prefill_bf16_kernel<DMAX, BV, false, PASS, false>(args);
+            } else {
+              lightning_prefill_kernel<T, DMAX, BV, PASS>(args);
+            }
+          });
+        }
+  };
+  using Whole = std::integral_constant<int, kWhole>;
+  double whole_o_rel = 0, whole_final_rel = 0;
+  int64_t rows = 0, segments = 0;
+  std::vector<T> o_def;  // "high" cases: the "default" output, for the per-element comparison
+  if constexpr (!SPLIT) {
+    if (c.high) {
+      o_def.assign(o.size(), emu_fromf<T>(NAN));
+      PrefillArgs d = a;
+      d.o = o_def.data();
+      d.final_state = nullptr;
+      run_pass(Whole{}, d, N, false, false);
+    }
+    run_pass(Whole{}, a, N, false, c.high);
+  } else {
+    // The unsplit pass first (into its own buffers), for the split-vs-unsplit comparison.
+    std::vector<T> o_whole(o.size(), emu_fromf<T>(NAN));
+    std::vector<float> fin_whole(fin.size(), NAN);
+    PrefillArgs w = a;
+    w.o = o_whole.data();
+    w.final_state = c.final_ ? fin_whole.data() : nullptr;
+    run_pass(Whole{}, w, N, false, c.high);
+    // The split, as mm1_lightning_prefill runs it (its host code is not emulated: the table
+    // size is the C API's static bound ⌈B·T/L⌉ + N, and the scratch is NaN / garbage-filled).
+    const int64_t L = c.seg;
+    rows = ((int64_t)B * Tn + L - 1) / L + N;
+    std::vector<float> seg_state((size_t)rows * H * D * DV, NAN);
+    std::vector<int64_t> table((size_t)rows * 4, 0x5a5a5a5a5a5a5a5aLL), first((size_t)N + 1, -77);
+    PrefillArgs sa = a;
+    sa.seg_state = seg_state.data();
+    sa.seg_table = table.data();
+    sa.seg_first = first.data();
+    emu_run_block(kTableThreads, make_uint3(0, 0, 0), [&] { lightning_prefill_segments_kernel(sa, N, L, rows); });
+    segments = first[N];
+    run_pass(std::integral_constant<int, kLocal>{}, sa, rows, true, c.high);
+    for (unsigned n = 0; n < N; ++n)
+      for (unsigned h = 0; h < (unsigned)H; ++h)
+        for (unsigned z = 0; z < (unsigned)((D * DV + kScanThreads - 1) / kScanThreads); ++z)
+          emu_run_block(kScanThreads, make_uint3(n, h, z), [&] { lightning_prefill_scan_kernel(sa, L, rows); });
+    run_pass(std::integral_constant<int, kOutput>{}, sa, rows, true, c.high);
+    double e = 0, r = 0;
+    for (size_t i = 0; i < o.size(); ++i) {
+      const double x = emu_tof<T>(o[i]), y = emu_tof<T>(o_whole[i]);
+      if (std::isnan(y)) continue;  // not an output token (checked below against the split's o)
+      e += (x - y) * (x - y);
+      r += y * y;
+    }
+    whole_o_rel = r > 0 ? std::sqrt(e / r) : std::sqrt(e);
+    e = r = 0;
+    if (c.final_)
+      for (size_t i = 0; i < fin.size(); ++i) {
+        e += ((double)fin[i] - fin_whole[i]) * ((double)fin[i] - fin_whole[i]);
+        r += (double)fin_whole[i] * fin_whole[i];
       }
+    whole_final_rel = r > 0 ? std::sqrt(e / r) : std::sqrt(e);
+  }
 
   // fp64 recurrence on the (rounded) inputs: S_t = λ S_{t-1} + k_t^T v_t, o_t = q_t S_t
   auto Q = [&](int b, int64_t t, int h, int d) { return (double)emu_tof<T>(qp[b * sqb + t * sqt + h * sqh + d]); };
   auto K = [&](int b, int64_t t, int h, int d) { return (double)emu_tof<T>(kp[b * skb + t * skt + h * skh + d]); };
   auto V = [&](int b, int64_t t, int h, int d) { return (double)emu_tof<T>(vp[b * svb + t * svt + h * svh + d]); };
   double eo = 0, no = 0, ef = 0, nf = 0, en = 0;  // en: error of rounding the exact o to T once
+  // Per element (tests/test_lightning.py's SPLIT_BOUND idea): o's error beyond one spacing of T at
+  // the true value, and the final state's error, over the magnitude of the terms (the same
+  // recurrence on |q|, |k|, |v|, |S_0|). Max over elements.
+  constexpr int kMant = std::is_same_v<T, float> ? 23 : std::is_same_v<T, __half> ? 10 : 7;
+  auto spacing = [&](double x) { return std::ldexp(1.0, std::ilogb(std::max(std::fabs(x), 1e-30)) - kMant); };
+  double o_excess = 0, o_def_excess = 0, final_excess = 0;
   long nonfinite = 0, stray = 0, seqs_empty = 0, seqs_len1 = 0;
   std::vector<char> expect_written(o.size(), 0);
   for (int64_t n = 0; n < N; ++n) {
@@ -113,19 +193,34 @@ void run_case(const Case& c) {
     seqs_len1 += eos == bos + 1;
     for (int h = 0; h < H; ++h) {
       const double lam = std::exp(-(double)slopes[h]);
-      std::vector<double> S((size_t)D * DV, 0.0);
-      if (c.init) for (int i = 0; i < D * DV; ++i) S[i] = init[((size_t)n * H + h) * D * DV + i];
+      std::vector<double> S((size_t)D * DV, 0.0), Sm((size_t)D * DV, 0.0);  // Sm: on magnitudes
+      if (c.init)
+        for (int i = 0; i < D * DV; ++i) {
+          S[i] = init[((size_t)n * H + h) * D * DV + i];
+          Sm[i] = std::fabs(S[i]);
+        }
       for (int64_t t = bos; t < eos; ++t) {
         for (int d = 0; d < D; ++d) {
           const double kd = K(b, t, h, d);
-          for (int e = 0; e < DV; ++e) S[d * DV + e] = lam * S[d * DV + e] + kd * V(b, t, h, e);
+          for (int e = 0; e < DV; ++e) {
+            S[d * DV + e] = lam * S[d * DV + e] + kd * V(b, t, h, e);
+            Sm[d * DV + e] = lam * Sm[d * DV + e] + std::fabs(kd * V(b, t, h, e));
+          }
         }
         for (int e = 0; e < DV; ++e) {
-          double r = 0;
-          for (int d = 0; d < D; ++d) r += Q(b, t, h, d) * S[d * DV + e];
+          double r = 0, mag = 0;
+          for (int d = 0; d < D; ++d) {
+            r += Q(b, t, h, d) * S[d * DV + e];
+            mag += std::fabs(Q(b, t, h, d)) * Sm[d * DV + e];
+          }
           const size_t idx = b * sob + t * sot + h * soh + e;
           expect_written[idx] = 1;
           const double got = emu_tof<T>(o[idx]);
+          if (mag > 0) {
+            o_excess = std::max(o_excess, (std::fabs(got - r) - spacing(r)) / mag);
+            if (!o_def.empty())
+              o_def_excess = std::max(o_def_excess, (std::fabs(emu_tof<T>(o_def[idx]) - r) - spacing(r)) / mag);
+          }
           if (!std::isfinite(got)) ++nonfinite;
           eo += (got - r) * (got - r);
           no += r * r;
@@ -139,6 +234,7 @@ void run_case(const Case& c) {
           if (!std::isfinite(got)) ++nonfinite;
           ef += (got - S[i]) * (got - S[i]);
           nf += S[i] * S[i];
+          if (Sm[i] > 0) final_excess = std::max(final_excess, std::fabs(got - S[i]) / Sm[i]);
         }
     }
   }
@@ -156,6 +252,10 @@ void run_case(const Case& c) {
       .num("num_seqs", (double)N).num("seqs_empty", seqs_empty).num("seqs_len1", seqs_len1)
       .num("has_final", c.final_).num("has_init", c.init)
       .num("chunks", (double)((Tn + 63) / 64)).num("mma_warp0", emu_mma_count)
+      .num("segment_len", (double)c.seg).num("table_rows", (double)rows).num("segments", (double)segments)
+      .num("split_vs_whole_o_rel", whole_o_rel).num("split_vs_whole_final_rel", whole_final_rel)
+      .num("high", c.high).num("o_excess", o_excess).num("o_default_excess", o_def_excess)
+      .num("final_excess", final_excess)
       .num("o_rel", ro).num("o_naive_rel", rn).num("final_rel", rf).num("nonfinite", nonfinite).num("stray_writes", stray)
       .print();
 }
@@ -187,6 +287,39 @@ int main(int argc, char** argv) {
   // initial state (both stages reused twice).
   const Case bf16_256{"bf16_d256_dv64_async_dmax256", 1, 200, 1, 256, 64, true, false, true, {}, 4, 0.05};
 
+  // The segment split (segment_len > 0), run as table kernel, local pass, scan, output pass and
+  // compared with fp64 and with the unsplit pass. bf16, L = 64: int32 offsets [0,1) length 1,
+  // [1,1) empty, [1,150) (3 segments, the last partial), [150,280) (3; 2 tokens in the last),
+  // init state; 9 table rows (⌈280/64⌉ + 4), 8 used.
+  const Case bf16_split{"bf16_split64_varlen_cu32_h2", 1, 280, 2, 64, 64, false, true, true,
+                        {0, 1, 1, 150, 280}, 4, 0.3, 64};
+  // bf16 "high", L = 128, two batch rows (no cu_seqlens), D = 128, Dv = 64, fused strided views,
+  // no initial state: 2 segments per row, the second partial (200 = 128 + 72).
+  const Case bf16_split_b2{"bf16_split128_b2_d128_fused_high", 2, 200, 1, 128, 64, true, false, true, {}, 4, 0.2, 128,
+                           true};
+  // precision "high" (bf16 pairs for the state in Q S and the scores in P V), with M1's slowest
+  // decay rates (layer 0's range, ~2^-8) and an initial state, where "default" is least
+  // accurate; also run in "default" for the per-element comparison.
+  const Case bf16_high{"bf16_high_d64_t192_h2_init", 1, 192, 2, 64, 64, false, true, true, {}, 4, 0.03, 0, true};
+  // The TF32 kernel (fp32): L = 64, int64 offsets [0,130) (3 segments), [130,130) empty,
+  // [130,200) (2), init state.
+  const Case f32_split{"f32_split64_cu64_d32", 1, 200, 1, 32, 40, false, true, true, {0, 130, 130, 200}, 8, 0.5, 64};
+
+  // Builds for one mutation test compile only the case it runs (each kernel instantiation costs
+  // compile time): -DEMU_ONLY_F32_SPLIT, -DEMU_ONLY_BF16_HIGH, -DEMU_ONLY_BF16 (the two
+  // default-precision bf16 cases at DMAX = 128).
+#if defined(EMU_ONLY_F32_SPLIT)
+  if (emu_want(argc, argv, f32_split.name)) run_case<float, 128, 64, true>(f32_split);
+#elif defined(EMU_ONLY_BF16_HIGH)
+  if (emu_want(argc, argv, bf16_high.name)) run_case<__nv_bfloat16, 128, 128, false, true>(bf16_high);
+#elif defined(EMU_ONLY_BF16)
+  if (emu_want(argc, argv, bf16_128.name)) run_case<__nv_bfloat16, 128, 128>(bf16_128);
+  if (emu_want(argc, argv, bf16_72.name)) run_case<__nv_bfloat16, 128, 128>(bf16_72);
+#else
+  if (emu_want(argc, argv, bf16_split.name)) run_case<__nv_bfloat16, 128, 128, true>(bf16_split);
+  if (emu_want(argc, argv, bf16_split_b2.name)) run_case<__nv_bfloat16, 128, 128, true, true>(bf16_split_b2);
+  if (emu_want(argc, argv, bf16_high.name)) run_case<__nv_bfloat16, 128, 128, false, true>(bf16_high);
+  if (emu_want(argc, argv, f32_split.name)) run_case<float, 128, 64, true>(f32_split);
   if (emu_want(argc, argv, f32_128.name)) run_case<float, 128, 64>(f32_128);
   if (emu_want(argc, argv, f32_80.name)) run_case<float, 128, 64>(f32_80);
   if (emu_want(argc, argv, f32_37.name)) run_case<float, 128, 64>(f32_37);
@@ -194,12 +327,13 @@ int main(int argc, char** argv) {
   if (emu_want(argc, argv, f32_cu32.name)) run_case<float, 128, 64>(f32_cu32);
   if (emu_want(argc, argv, f32_192.name)) run_case<float, 256, 32>(f32_192);
   if (emu_want(argc, argv, f32_t0.name)) run_case<float, 128, 64>(f32_t0);
-  if (emu_want(argc, argv, bf16_128.name)) run_case<__nv_bfloat16, 128, 64>(bf16_128);
+  if (emu_want(argc, argv, bf16_128.name)) run_case<__nv_bfloat16, 128, 128>(bf16_128);
   if (emu_want(argc, argv, f16_132.name)) run_case<__half, 128, 64>(f16_132);
   if (emu_want(argc, argv, f16_250.name)) run_case<__half, 256, 32>(f16_250);
   if (emu_want(argc, argv, bf16_250.name)) run_case<__nv_bfloat16, 256, 32>(bf16_250);
-  if (emu_want(argc, argv, bf16_72.name)) run_case<__nv_bfloat16, 128, 64>(bf16_72);
+  if (emu_want(argc, argv, bf16_72.name)) run_case<__nv_bfloat16, 128, 128>(bf16_72);
   if (emu_want(argc, argv, bf16_256.name)) run_case<__nv_bfloat16, 256, 32>(bf16_256);
+#endif
   std::printf("EMU_DONE\n");
   return 0;
 }
