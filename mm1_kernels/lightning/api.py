@@ -268,6 +268,19 @@ def _check_qkv_slopes(q, k, v, slopes, ndim):
 
 
 @annotate("mm1.lightning_attention")
+def _check_prefill_args(q, k, v, slopes, precision, cu_seqlens, check_ids):
+    """The checks every [B, T, H, D] entry point shares: q/k/v/slopes, precision, and varlen
+    packing. Returns (H, D, DV, B, T, number of sequences)."""
+    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
+    check_precision(precision)
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        return H, D, DV, B, T, B
+    if B != 1:
+        raise ValueError(f"varlen input (cu_seqlens given) must be packed with B == 1, got B = {B}")
+    return H, D, DV, B, T, check_cu_seqlens(cu_seqlens, T, q.device, values=check_ids)
+
+
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
                         initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                         cu_seqlens: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
@@ -340,16 +353,8 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     ``slot_ids`` tensor, skipped during CUDA graph capture and torch.compile; an out-of-range
     slot then leaves the cache untouched and gives NaN outputs on Triton).
     """
-    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
-    check_precision(precision)
-    B, T = q.shape[:2]
+    H, D, DV, B, T, n = _check_prefill_args(q, k, v, slopes, precision, cu_seqlens, check_ids)
     device = q.device
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"varlen input (cu_seqlens given) must be packed with B == 1, got B = {B}")
-        n = check_cu_seqlens(cu_seqlens, T, device, values=check_ids)
-    else:
-        n = B
     if initial_state is not None:
         if state_cache is not None:
             raise ValueError("pass either initial_state or state_cache (with slot_ids), not both: "
@@ -465,16 +470,8 @@ def lightning_chunk_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     prefill (up to 64 rows) instead of one recurrence step. No host sync (static shapes, the
     packed buffer has ``T + 63·N`` rows), so a decode step can be captured in a CUDA graph.
     """
-    H, D, DV = _check_qkv_slopes(q, k, v, slopes, 4)
-    check_precision(precision)
-    B, T = q.shape[:2]
+    H, D, DV, B, T, n = _check_prefill_args(q, k, v, slopes, precision, cu_seqlens, check_ids)
     device = q.device
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"varlen input (cu_seqlens given) must be packed with B == 1, got B = {B}")
-        n = check_cu_seqlens(cu_seqlens, T, device, values=check_ids)
-    else:
-        n = B
     check_tensor("state_cache", state_cache, dtypes=(torch.float32,), shape=(None, H, D, DV),
                  device=device, contiguous=True)
     S = state_cache.shape[0]

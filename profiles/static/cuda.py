@@ -41,11 +41,13 @@ def _prefill_smem(dmax: int, bv: int) -> int:
     return floats * 4
 
 
-def _prefill_bf16_smem(dmax: int, bv: int) -> int:
-    """Bf16PrefillLayout<DMAX, BV>::BYTES: two bf16 stages of q, k, v; P, the bf16 state, decays."""
+def _prefill_bf16_smem(dmax: int, bv: int, high: bool = False) -> int:
+    """Bf16PrefillLayout<DMAX, BV, HIGH>::BYTES: two bf16 stages of q, k, v; P, the bf16 state
+    (HIGH: a second P and state tile, the lo halves), decays."""
     chunk = 64
     stage = 2 * chunk * (dmax + 8) + chunk * (bv + 8)
-    return (2 * stage + chunk * (chunk + 8) + dmax * (bv + 8)) * 2 + 68 * 4
+    tiles = chunk * (chunk + 8) + dmax * (bv + 8)
+    return (2 * stage + tiles * (2 if high else 1)) * 2 + 68 * 4
 
 
 def prefill_bf16_issued_over_counted(d: int = 128, dv: int = 128, chunk: int = 64, high: bool = False,
@@ -186,7 +188,7 @@ def kernel_row(file: str, pretty: str, st: dict, body: str, threads: int | None)
     if kernel == "lightning_prefill_kernel" and len(ints) >= 2:
         smem += _prefill_smem(ints[0], ints[1])  # <T, DMAX, BV>
     elif kernel == "lightning_prefill_bf16_kernel" and len(ints) >= 2:
-        smem += _prefill_bf16_smem(ints[0], ints[1])  # <DMAX, BV, ASYNC, ...>
+        smem += _prefill_bf16_smem(ints[0], ints[1], targs.replace(" ", "").endswith(",true"))  # <.., HIGH>
         extra = chunk_loop_summary(body)
         args = [x.strip() for x in targs.split(",")]  # DMAX, BV, ASYNC, PASS, HIGH
         if use and len(args) == 5 and args[3] != "1":  # the local pass's K^T V is not in the count
