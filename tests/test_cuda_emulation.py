@@ -337,8 +337,25 @@ def test_decode_emulated(emu_results, case):
     check_decode(r)
 
 
+# Cases with a NaN in one token's k (test_prefill.cpp's poison_k): not checked against fp64 (every
+# later output is NaN), only for the leak into earlier outputs.
+NAN_KEY_CASES = ("bf16_nan_k100_full_chunk", "bf16_nan_k129_partial_chunk")
+
+
+@pytest.mark.parametrize("case", NAN_KEY_CASES)
+def test_prefill_nan_in_later_key_stays_out_of_earlier_outputs(emu_results, case):
+    """The bf16 kernel masks above the diagonal with a select: 0 · NaN from a later token's k
+    would otherwise poison the earlier rows of its 16x16 diagonal tile (full chunks and the
+    partial last chunk take different code)."""
+    r = emu_results["prefill"].get(case)
+    assert r is not None, f"prefill case {case} produced no EMU_RESULT line"
+    assert r["nan_at_poison"] > 0, f"{case}: the poisoned token's output is finite (poison not applied?)"
+    assert r["nan_leak"] == 0, f"{case}: {r['nan_leak']} non-finite outputs before the poisoned token"
+
+
 def test_cases_and_coverage(emu_results):
-    assert set(emu_results["prefill"]) == set(PREFILL_CASES), "update PREFILL_CASES with test_prefill.cpp"
+    assert set(emu_results["prefill"]) == set(PREFILL_CASES) | set(NAN_KEY_CASES), \
+        "update PREFILL_CASES with test_prefill.cpp"
     assert set(emu_results["decode"]) == set(DECODE_CASES), "update DECODE_CASES with test_decode.cpp"
     variants = {(r["vec"], r["tpr"]) for r in emu_results["decode"].values()}
     assert variants == {(v, t) for v in (1, 4) for t in (4, 8, 16, 32)}, "every decode instantiation must be run"

@@ -390,7 +390,7 @@ lightning_prefill_kernel(const PrefillArgs a) {
 // decays live in registers and no row is tested against m; a sequence's (segment's) last
 // partial chunk runs the general step once after it, as FlashAttention-2 peels its masked
 // blocks. SASS (sm_90a, <128, 128, true, 0, false>): the chunk loop is straight-line code of
-// 256 HMMA.16816, 120 LDSM and ~4.8 instructions per HMMA (FA2's forward loop: 3.67);
+// 256 HMMA.16816, 120 LDSM and ~4.9 instructions per HMMA (FA2's forward loop: 3.67);
 // python -m profiles.static reports the counts.
 
 template <int DMAX, int BV, bool HIGH> struct Bf16PrefillLayout {
@@ -636,9 +636,14 @@ lightning_prefill_bf16_kernel(const PrefillArgs a) {
           for (int hr = 0; hr < 2; ++hr) {
             const int j = r0 + g + 8 * hr;
             const int i = half * 32 + ni * 8 + 2 * t;
-            // Rows j >= m of a partial chunk: their Q rows are zero-filled, so acc is 0 there.
-            const float x0 = acc[ni][2 * hr] * p_dec[ni][hr][0];
-            const float x1 = acc[ni][2 * hr + 1] * p_dec[ni][hr][1];
+            // A select where p_dec is 0 (above the diagonal, or a decay that underflowed), not a
+            // multiply by that 0: a NaN or inf in a later token's k must not reach an earlier
+            // token's output through 0 · NaN (the Triton and TF32 kernels select too). Testing
+            // p_dec, which is live anyway, rather than i <= j keeps 16 predicates out of the
+            // register budget (the i <= j form spilled). Rows j >= m of a partial chunk need no
+            // test: their Q rows are zero-filled and they are never stored.
+            const float x0 = p_dec[ni][hr][0] != 0.f ? acc[ni][2 * hr] * p_dec[ni][hr][0] : 0.f;
+            const float x1 = p_dec[ni][hr][1] != 0.f ? acc[ni][2 * hr + 1] * p_dec[ni][hr][1] : 0.f;
             T* pj = p_s + j * L::P_LD + i;
             store_bf16_pair<HIGH>(pj, pj + P_LO, x0, x1);
           }

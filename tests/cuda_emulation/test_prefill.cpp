@@ -19,6 +19,7 @@ struct Case {
   double slope_scale;
   int64_t seg = 0;  // segment_len: 0 = one pass; > 0 = the split (table, local pass, scan, output pass)
   bool high = false;  // bf16 kernel: precision "high" (unsplit cases also run "default" to compare)
+  int poison_k = -1;  // >= 0: k of this token (row 0, head 0, column 3) is NaN; reports the leak
 };
 
 // SPLIT, HIGH: compile-time, so that only the cases that need them instantiate the split's passes
@@ -50,6 +51,7 @@ void run_case(const Case& c) {
     svb = (int64_t)Tn * H * DV; svt = H * DV; svh = DV;
     qp = qv.data(); kp = kv.data(); vp = vv.data();
   }
+  if (c.poison_k >= 0) (c.fused ? qkv[(size_t)c.poison_k * sqt + D + 3] : kv[(size_t)c.poison_k * skt + 3]) = emu_fromf<T>(NAN);
   std::vector<float> slopes(H);
   for (int h = 0; h < H; ++h) slopes[h] = (float)(c.slope_scale * std::pow(2.0, -8.0 * (h + 1) / H));
   const int64_t N = c.cu.empty() ? B : (int64_t)c.cu.size() - 1;
@@ -115,6 +117,7 @@ void run_case(const Case& c) {
   double whole_o_rel = 0, whole_final_rel = 0;
   int64_t rows = 0, segments = 0;
   std::vector<T> o_def;  // "high" cases: the "default" output, for the per-element comparison
+  int nan_leak = -1, nan_at_poison = -1;  // poison_k cases: non-finite o before / at the token
   if constexpr (!SPLIT) {
     if (c.high) {
       o_def.assign(o.size(), emu_fromf<T>(NAN));
@@ -124,6 +127,12 @@ void run_case(const Case& c) {
       run_pass(Whole{}, d, N, false, false);
     }
     run_pass(Whole{}, a, N, false, c.high);
+    if (c.poison_k >= 0) {
+      nan_leak = nan_at_poison = 0;
+      for (int j = 0; j <= c.poison_k; ++j)
+        for (int cc = 0; cc < DV; ++cc)
+          (j < c.poison_k ? nan_leak : nan_at_poison) += !std::isfinite(emu_tof<T>(o[(size_t)j * sot + cc]));
+    }
   } else {
     // The unsplit pass first (into its own buffers), for the split-vs-unsplit comparison.
     std::vector<T> o_whole(o.size(), emu_fromf<T>(NAN));
@@ -255,7 +264,7 @@ void run_case(const Case& c) {
       .num("segment_len", (double)c.seg).num("table_rows", (double)rows).num("segments", (double)segments)
       .num("split_vs_whole_o_rel", whole_o_rel).num("split_vs_whole_final_rel", whole_final_rel)
       .num("high", c.high).num("o_excess", o_excess).num("o_default_excess", o_def_excess)
-      .num("final_excess", final_excess)
+      .num("final_excess", final_excess).num("nan_leak", nan_leak).num("nan_at_poison", nan_at_poison)
       .num("o_rel", ro).num("o_naive_rel", rn).num("final_rel", rf).num("nonfinite", nonfinite).num("stray_writes", stray)
       .print();
 }
@@ -286,6 +295,12 @@ int main(int argc, char** argv) {
   // DMAX = 256 with cp.async, two value tiles, fused strided views; 4 chunks without an
   // initial state (both stages reused twice).
   const Case bf16_256{"bf16_d256_dv64_async_dmax256", 1, 200, 1, 256, 64, true, false, true, {}, 4, 0.05};
+  // A NaN in the k of a later token must not reach earlier outputs (0 · NaN above the diagonal):
+  // token 100 sits in a full chunk (the FULL loop; tokens 96..99 share its 16x16 diagonal tile),
+  // token 129 in the partial last chunk (token 128 shares its tile).
+  const Case bf16_nan_full{"bf16_nan_k100_full_chunk", 1, 130, 1, 128, 128, true, true, true, {}, 4, 0.02, 0, false, 100};
+  const Case bf16_nan_tail{"bf16_nan_k129_partial_chunk", 1, 130, 1, 128, 128, true, true, true, {}, 4, 0.02, 0, false,
+                           129};
 
   // The segment split (segment_len > 0), run as table kernel, local pass, scan, output pass and
   // compared with fp64 and with the unsplit pass. bf16, L = 64: int32 offsets [0,1) length 1,
@@ -333,6 +348,8 @@ int main(int argc, char** argv) {
   if (emu_want(argc, argv, bf16_250.name)) run_case<__nv_bfloat16, 256, 32>(bf16_250);
   if (emu_want(argc, argv, bf16_72.name)) run_case<__nv_bfloat16, 128, 128>(bf16_72);
   if (emu_want(argc, argv, bf16_256.name)) run_case<__nv_bfloat16, 256, 32>(bf16_256);
+  if (emu_want(argc, argv, bf16_nan_full.name)) run_case<__nv_bfloat16, 128, 128>(bf16_nan_full);
+  if (emu_want(argc, argv, bf16_nan_tail.name)) run_case<__nv_bfloat16, 128, 128>(bf16_nan_tail);
 #endif
   std::printf("EMU_DONE\n");
   return 0;
