@@ -46,6 +46,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cuda_c_api import find_nvcc, run_c_api_program
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emulation"
@@ -65,16 +66,6 @@ def _cuda_include() -> Path | None:
         inc = Path(home) / "include"
         if all((inc / h).is_file() for h in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")):
             return inc
-    return None
-
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
     return None
 
 
@@ -262,33 +253,10 @@ int main(void) {
 def test_c_api_header_is_torch_free_c(tmp_path):
     """head.h is plain C; the C API links against the head objects and the CUDA runtime alone;
     bad arguments (including misaligned element pointers) are refused before any launch."""
-    nvcc = _nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
-    # PTX only (no ptxas): the zero-sized calls launch nothing, and test_cuda_compile builds the SASS.
-    flags = ["-std=c++20", "-O1", "-gencode=arch=compute_90a,code=compute_90a", f"-I{CSRC}"]
-
-    def build(src: Path) -> Path:
-        obj = tmp_path / (src.stem + ".o")
-        p = subprocess.run([nvcc, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True,
-                           timeout=TIMEOUT)
-        assert p.returncode == 0, p.stderr[-4000:]
-        return obj
-
-    host = tmp_path / "host.c"
-    host.write_text(HOST_C)
-    srcs = sorted((CSRC / "head").glob("*.cu"))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
-        objs = list(ex.map(build, srcs))
-    p = subprocess.run([nvcc, f"-I{CSRC}", "-x", "c", "-c", str(host), "-o", str(tmp_path / "host.o")],
-                       capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, f"C host program did not compile:\n{p.stdout}{p.stderr}"
-    exe = tmp_path / "host"
-    p = subprocess.run([nvcc, "-gencode=arch=compute_90a,code=compute_90a", str(tmp_path / "host.o"),
-                        *map(str, objs), "-o", str(exe)], capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, f"C host program did not link:\n{p.stdout}{p.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"C API calls gave unexpected results: {run.stdout}{run.stderr}"
+    run_c_api_program(nvcc, CSRC, sorted((CSRC / "head").glob("*.cu")), HOST_C, tmp_path, TIMEOUT)
 
 
 @pytest.mark.slow

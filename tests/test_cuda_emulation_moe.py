@@ -55,6 +55,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cuda_c_api import find_nvcc, run_c_api_program
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emulation"
@@ -64,16 +65,6 @@ GXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
 _spec = importlib.util.spec_from_file_location("mm1_cuda_emulation_gen_moe", EMU / "gen_moe.py")
 gen_moe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen_moe)
-
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    return None
 
 
 def _cuda_include() -> Path | None:
@@ -339,32 +330,10 @@ def test_c_api_refuses_what_the_kernels_cannot_handle(tmp_path):
     """moe.h is plain C, links against the MoE objects and the CUDA runtime alone, and refuses
     bad arguments (overlapping output rows, misaligned pointers, a short workspace, too many
     experts, an overflowing T·k) with cudaErrorInvalidValue before launching anything."""
-    nvcc = _nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
-    # PTX only (no ptxas): nothing is launched, and test_cuda_compile builds the SASS.
-    flags = ["-std=c++20", "-O1", "-gencode=arch=compute_90a,code=compute_90a", f"-I{CSRC}"]
-
-    def build(src: Path) -> Path:
-        obj = tmp_path / (src.stem + ".o")
-        p = subprocess.run([nvcc, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True,
-                           timeout=TIMEOUT)
-        assert p.returncode == 0, p.stderr[-4000:]
-        return obj
-
-    host = tmp_path / "host.c"
-    host.write_text(HOST_C)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
-        objs = list(ex.map(build, sorted((CSRC / "moe").glob("*.cu"))))
-    p = subprocess.run([nvcc, f"-I{CSRC}", "-x", "c", "-c", str(host), "-o", str(tmp_path / "host.o")],
-                       capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, f"C host program did not compile:\n{p.stdout}{p.stderr}"
-    exe = tmp_path / "host"
-    p = subprocess.run([nvcc, "-gencode=arch=compute_90a,code=compute_90a", str(tmp_path / "host.o"),
-                        *map(str, objs), "-o", str(exe)], capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, f"C host program did not link:\n{p.stdout}{p.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"C API calls gave unexpected results:\n{run.stdout}{run.stderr}"
+    run_c_api_program(nvcc, CSRC, sorted((CSRC / "moe").glob("*.cu")), HOST_C, tmp_path, TIMEOUT)
 
 
 @pytest.mark.slow
